@@ -1,0 +1,39 @@
+"""peftkit: parameter-efficient fine-tuning for Hugging Face transformers, with methods as plugins.
+
+>>> import peftkit
+>>> tuned = peftkit.wrap(model, "lora", r=8, target_modules="all-linear")
+"""
+
+from peftkit._version import __version__
+from peftkit.api import available_methods, load, wrap
+from peftkit.errors import (
+    AdapterError,
+    AdapterFormatError,
+    MergeNotSupportedError,
+    OptionsError,
+    PeftkitError,
+    PluginError,
+    TargetError,
+    UnknownMethodError,
+)
+from peftkit.hookspecs import hookimpl
+from peftkit.plugins import plugin_manager
+from peftkit.tuned_model import TunedModel
+
+__all__ = [
+    "__version__",
+    "wrap",
+    "load",
+    "available_methods",
+    "plugin_manager",
+    "hookimpl",
+    "TunedModel",
+    "PeftkitError",
+    "PluginError",
+    "UnknownMethodError",
+    "OptionsError",
+    "TargetError",
+    "AdapterError",
+    "AdapterFormatError",
+    "MergeNotSupportedError",
+]

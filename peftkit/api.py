@@ -1,0 +1,68 @@
+"""The top-level functions: ``wrap``, ``load``, ``available_methods``."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from torch import nn
+
+from peftkit.plugins import plugin_manager
+from peftkit.tuned_model import TunedModel
+
+__all__ = ["wrap", "load", "available_methods"]
+
+
+def wrap(model: nn.Module, method: Any, *, adapter_name: str = "default", **options: Any) -> TunedModel:
+    """Freeze ``model`` and inject one adapter of ``method`` into it.
+
+    :param model: a ``transformers`` model or any ``torch.nn.Module``.
+    :param method: a registered method name (``"lora"``) or its options object.
+    :param adapter_name: name of the new adapter.
+    :param options: the method's options; unknown ones raise ``OptionsError``
+        listing the valid ones.
+    :returns: a :class:`TunedModel` whose only trainable parameters are the adapter's.
+    """
+    if isinstance(model, TunedModel):
+        return model.add_adapter(adapter_name, method, **options)
+    tuned = TunedModel(model)
+    try:
+        tuned.add_adapter(adapter_name, method, **options)
+    except BaseException:
+        tuned.unload()
+        raise
+    return tuned
+
+
+def load(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    adapter_name: str | None = None,
+    is_trainable: bool = False,
+) -> TunedModel:
+    """Load an adapter directory onto ``model``.
+
+    :param model: the base model the adapter was trained on (or a ``TunedModel``).
+    :param path: a directory written by :meth:`TunedModel.save`.
+    :param adapter_name: name to give it (default ``"default"``).
+    :param is_trainable: keep its parameters trainable (to continue training);
+        otherwise the model is put in eval mode.
+    :raises AdapterFormatError: missing, corrupt, or made for another model.
+    :raises UnknownMethodError: the adapter's method is not installed.
+    """
+    tuned = model if isinstance(model, TunedModel) else TunedModel(model)
+    try:
+        tuned.load_adapter(path, adapter_name, is_trainable=is_trainable)
+    except BaseException:
+        if tuned is not model:
+            tuned.unload()
+        raise
+    if not is_trainable:
+        tuned.eval()
+    return tuned
+
+
+def available_methods() -> list[str]:
+    """Names of every installed method, sorted."""
+    return sorted(plugin_manager().injectors())

@@ -1,0 +1,15 @@
+"""Test kit for peftkit and its plugins: tiny models and the injector conformance suite."""
+
+from peftkit.testing.conformance import CHECKS, MERGE_TOLERANCE, check_injector, train_steps
+from peftkit.testing.models import MODEL_FACTORIES, sample_batch, tiny_gpt2, tiny_llama
+
+__all__ = [
+    "CHECKS",
+    "MERGE_TOLERANCE",
+    "check_injector",
+    "train_steps",
+    "MODEL_FACTORIES",
+    "sample_batch",
+    "tiny_gpt2",
+    "tiny_llama",
+]

@@ -1,0 +1,397 @@
+"""``TunedModel``: a frozen base model plus named adapters, and the operations on them.
+
+The base model is modified in place (weight-side methods wrap its layers,
+input-side methods hook its forward); ``TunedModel`` keeps the bookkeeping:
+which adapters exist, which one is active, which are merged, and how to save,
+load, merge, disable and remove them. It never names a method: everything
+method-specific happens in the injectors and in the modules they insert, which
+satisfy :class:`peftkit.registry.AdapterLayer`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from peftkit.errors import AdapterError, AdapterFormatError, MergeNotSupportedError, UnknownMethodError
+from peftkit.injection import InjectionContext, layer_shape, replace_module
+from peftkit.options import build_options, options_to_dict
+from peftkit.plugins import PluginManager, plugin_manager
+from peftkit.registry import is_adapter_layer
+from peftkit.serialization import read_adapter, write_adapter
+
+__all__ = ["TunedModel", "AdapterInfo"]
+
+_ATTACHED = "attached"
+
+
+@dataclass
+class AdapterInfo:
+    """What ``TunedModel`` knows about one adapter."""
+
+    method: str
+    options: Any
+    targets: dict[str, list[int]] = field(default_factory=dict)
+    trainable: bool = True
+
+
+def _normalize_path(path: str) -> str:
+    """Module path relative to the base model, without adapter wrappers' ``base_layer`` hops."""
+    parts = [p for p in path.split(".") if p != "base_layer"]
+    return ".".join(parts)
+
+
+class TunedModel(nn.Module):
+    """A frozen base model with named adapters.
+
+    Call it like the base model; everything the base model has (``config``,
+    ``device``, ...) is reachable on it. Create one with :func:`peftkit.wrap`
+    or :func:`peftkit.load`.
+    """
+
+    def __init__(self, base_model: nn.Module, *, plugin_manager: PluginManager | None = None):
+        super().__init__()
+        self.base_model = base_model
+        self.attached = nn.ModuleDict()
+        self._pm = plugin_manager
+        self._adapters: dict[str, AdapterInfo] = {}
+        self._active: str | None = None
+        self._merged: list[str] = []
+        self._disabled = False
+        # Restore exactly what the user had when the adapters are unloaded.
+        self._original_requires_grad = {n: p.requires_grad for n, p in base_model.named_parameters()}
+        for p in base_model.parameters():
+            p.requires_grad_(False)
+        self.train(base_model.training)  # keep the mode the user's model was in
+
+    # ------------------------------------------------------------ delegation
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in {"base_model", "attached"}:
+                raise
+            return getattr(self._modules["base_model"], name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """Generate with the active adapter (see the base model's ``generate``)."""
+        return self.base_model.generate(*args, **kwargs)
+
+    @property
+    def plugin_manager(self) -> PluginManager:
+        return self._pm if self._pm is not None else plugin_manager()
+
+    # ------------------------------------------------------------- adapters
+    @property
+    def adapters(self) -> dict[str, str]:
+        """Adapter name -> method name, in creation order."""
+        return {name: info.method for name, info in self._adapters.items()}
+
+    def adapter_info(self, name: str) -> AdapterInfo:
+        """The method, options and fingerprint of adapter ``name``."""
+        self._check_name(name)
+        return self._adapters[name]
+
+    @property
+    def active_adapter(self) -> str | None:
+        """The adapter that takes part in ``forward`` (``None`` if there is none)."""
+        return self._active
+
+    def _check_name(self, name: str) -> None:
+        if name not in self._adapters:
+            raise AdapterError(
+                f"no adapter named {name!r}; this model has: {', '.join(self._adapters) or '(none)'}"
+            )
+
+    def _adapter_layers(self) -> Iterator[tuple[str, nn.Module]]:
+        for path, module in self.named_modules():
+            if path and is_adapter_layer(module):
+                yield path, module
+
+    def _layers_of(self, name: str) -> list[tuple[str, nn.Module]]:
+        return [(p, m) for p, m in self._adapter_layers() if name in m.adapter_names()]
+
+    def _injector(self, method: Any) -> tuple[Any, Any]:
+        """Resolve a method name or options object to ``(injector, options_or_None)``."""
+        if isinstance(method, str):
+            return self.plugin_manager.get_injector(method), None
+        if hasattr(method, "__dataclass_fields__"):
+            return self.plugin_manager.injector_for_options(method), method
+        raise UnknownMethodError(
+            f"method must be a method name or a method options object, got {type(method).__name__}: {method!r}"
+        )
+
+    def add_adapter(self, name: str, method: Any, *, trainable: bool = True, **options: Any) -> "TunedModel":
+        """Inject a new adapter called ``name``.
+
+        :param name: adapter name, unique in this model.
+        :param method: a registered method name or a method options object.
+        :param trainable: whether the adapter's parameters require grad.
+        :param options: the method's options (validated; unknown ones are an error).
+        :returns: ``self``. The first adapter becomes active; later ones do not.
+        :raises OptionsError, UnknownMethodError, TargetError, AdapterError:
+        """
+        if not isinstance(name, str) or not name or "." in name:
+            raise AdapterError(f"adapter name must be a non-empty string without '.', got {name!r}")
+        if name in self._adapters:
+            raise AdapterError(f"an adapter named {name!r} already exists; delete_adapter({name!r}) first or pick another name")
+        if self._merged:
+            raise AdapterError(f"adapter(s) {self._merged} are merged; unmerge() before adding adapter {name!r}")
+        injector, given = self._injector(method)
+        if given is not None and options:
+            raise AdapterError(f"pass either an options object or keyword options for {injector.name!r}, not both")
+        opts = given if given is not None else build_options(injector.options, options, owner=f"method {injector.name!r}")
+        if given is not None:  # re-validate an object built by hand
+            opts = build_options(injector.options, options_to_dict(given), owner=f"method {injector.name!r}")
+        context = InjectionContext(self, name, injector.name, self.plugin_manager)
+        try:
+            injector.inject(context, opts)
+        except BaseException:
+            self._remove_adapter_modules(name)
+            raise
+        if not self._layers_of(name):
+            self._remove_adapter_modules(name)
+            raise AdapterError(f"method {injector.name!r} injected no adapter module for adapter {name!r} (a bug in its plugin)")
+        self._adapters[name] = AdapterInfo(injector.name, opts, dict(context.targets), trainable)
+        self.train(self.training)  # new modules start in training mode; match the model
+        if self._active is None:
+            self._active = name
+        self._apply_state()
+        self.plugin_manager.hook.peftkit_after_inject(model=self, adapter_name=name, method=injector.name)
+        return self
+
+    def set_adapter(self, name: str) -> None:
+        """Make adapter ``name`` the active one."""
+        self._check_name(name)
+        if self._merged and self._merged != [name]:
+            raise AdapterError(f"adapter(s) {self._merged} are merged; unmerge() before switching to {name!r}")
+        self._active = name
+        self._apply_state()
+
+    def set_trainable(self, name: str, trainable: bool = True) -> None:
+        """Freeze (``False``) or unfreeze adapter ``name``'s parameters."""
+        self._check_name(name)
+        self._adapters[name].trainable = trainable
+        self._apply_state()
+
+    def _apply_state(self) -> None:
+        active = [] if (self._disabled or self._active is None) else [self._active]
+        for _, layer in self._adapter_layers():
+            layer.set_active_adapters([a for a in active if a in layer.adapter_names()])
+        for name, info in self._adapters.items():
+            for _, layer in self._layers_of(name):
+                for p in layer.adapter_parameters(name):
+                    p.requires_grad_(info.trainable)
+
+    @contextlib.contextmanager
+    def disable_adapters(self) -> Iterator[None]:
+        """Run the bare base model inside the ``with`` block (exactly its outputs)."""
+        if self._merged:
+            raise AdapterError(f"adapter(s) {self._merged} are merged into the base weights; unmerge() before disable_adapters()")
+        previous = self._disabled
+        self._disabled = True
+        self._apply_state()
+        try:
+            yield
+        finally:
+            self._disabled = previous
+            self._apply_state()
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter ``name`` and every module it inserted."""
+        self._check_name(name)
+        if name in self._merged:
+            raise AdapterError(f"adapter {name!r} is merged; unmerge() before deleting it")
+        self._remove_adapter_modules(name)
+        del self._adapters[name]
+        if self._active == name:
+            self._active = next(iter(self._adapters), None)
+        self._apply_state()
+
+    def _remove_adapter_modules(self, name: str) -> None:
+        for path, layer in list(self._adapter_layers()):
+            if name not in layer.adapter_names():
+                continue
+            layer.delete_adapter(name)
+            if layer.adapter_names():
+                continue
+            if path.startswith(_ATTACHED + "."):
+                del self.attached[path.split(".", 2)[1]]
+            else:
+                base = getattr(layer, "base_layer", None)
+                if isinstance(base, nn.Module):
+                    replace_module(self, path, base)
+        if name in self.attached:
+            del self.attached[name]
+
+    # ---------------------------------------------------------------- merge
+    def _check_mergeable(self, name: str) -> Any:
+        injector = self.plugin_manager.get_injector(self._adapters[name].method)
+        if not getattr(injector, "supports_merge", False):
+            reason = getattr(injector, "merge_refusal", "") or "it has no weights to fold into the base model"
+            raise MergeNotSupportedError(f"method {injector.name!r} (adapter {name!r}) cannot be merged: {reason}")
+        return injector
+
+    def merge(self) -> None:
+        """Fold the active adapter into the base weights (forward then skips it)."""
+        name = self._active
+        if name is None:
+            raise AdapterError("there is no active adapter to merge")
+        if name in self._merged:
+            return
+        self._check_mergeable(name)
+        for _, layer in self._layers_of(name):
+            layer.merge(name)
+        self._merged.append(name)
+
+    def unmerge(self) -> None:
+        """Undo :meth:`merge` (within floating-point rounding)."""
+        while self._merged:
+            name = self._merged.pop()
+            for _, layer in self._layers_of(name):
+                layer.unmerge(name)
+
+    @property
+    def merged_adapters(self) -> list[str]:
+        return list(self._merged)
+
+    def merge_and_unload(self) -> nn.Module:
+        """Merge the active adapter, remove every adapter module, and return the plain base model."""
+        if self._active is not None and self._active not in self._merged:
+            self.merge()
+        # The merged weights stay in the base layers; deleting an adapter from a
+        # layer never touches base weights, so the modules can simply go.
+        self._merged = []
+        return self.unload()
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter without merging and return the base model as it was given."""
+        if self._merged:
+            raise AdapterError(f"adapter(s) {self._merged} are merged; call merge_and_unload() or unmerge() first")
+        for name in list(self._adapters):
+            self._remove_adapter_modules(name)
+        self._adapters.clear()
+        self._active = None
+        base = self.base_model
+        for n, p in base.named_parameters():
+            p.requires_grad_(self._original_requires_grad.get(n, p.requires_grad))
+        return base
+
+    # ---------------------------------------------------------- parameters
+    def named_trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """``(name, parameter)`` for every parameter that requires grad."""
+        for n, p in self.named_parameters():
+            if p.requires_grad:
+                yield n, p
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Every parameter that requires grad (pass these to the optimizer)."""
+        return [p for _, p in self.named_trainable_parameters()]
+
+    def parameter_summary(self) -> str:
+        """``"trainable params: T || all params: N || trainable%: P"`` as a string."""
+        trainable = sum(p.numel() for p in self.trainable_parameters())
+        total = sum(p.numel() for p in self.parameters())
+        pct = 100.0 * trainable / total if total else 0.0
+        return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {pct:.4f}"
+
+    # ------------------------------------------------------------ save/load
+    def adapter_state_dict(self, name: str | None = None, *, training: bool = False) -> dict[str, torch.Tensor]:
+        """The tensors of adapter ``name`` (default: the active one), keyed as in the saved file."""
+        name = name or self._active
+        if name is None:
+            raise AdapterError("this model has no adapter to save")
+        self._check_name(name)
+        state: dict[str, torch.Tensor] = {}
+        for path, layer in self._layers_of(name):
+            prefix = _ATTACHED if path.startswith(_ATTACHED + ".") else _normalize_path(path.removeprefix("base_model."))
+            for key, tensor in layer.adapter_state_dict(name, training=training).items():
+                state[f"{prefix}.{key}"] = tensor
+        return state
+
+    def save(self, path: str | os.PathLike, *, adapter_name: str | None = None, training: bool = False) -> None:
+        """Write adapter ``adapter_name`` (default: the active one) to directory ``path``, atomically.
+
+        :param training: also keep training-only tensors (a resumable checkpoint).
+        """
+        name = adapter_name or self._active
+        if name is None:
+            raise AdapterError("this model has no adapter to save")
+        self._check_name(name)
+        if name in self._merged:
+            raise AdapterError(f"adapter {name!r} is merged; unmerge() before saving it")
+        info = self._adapters[name]
+        config = {
+            "method": info.method,
+            "options": options_to_dict(info.options),
+            "training_state": training,
+            "base_model": {"class": type(self.base_model).__name__, "targets": info.targets},
+        }
+        write_adapter(path, config, self.adapter_state_dict(name, training=training))
+
+    def load_adapter(self, path: str | os.PathLike, adapter_name: str | None = None, *, is_trainable: bool = False) -> str:
+        """Load an adapter directory into this model under ``adapter_name`` (default ``"default"``).
+
+        :returns: the adapter name.
+        :raises AdapterFormatError: for a missing/corrupt directory or one made for another model.
+        :raises UnknownMethodError: if the adapter's method is not installed.
+        """
+        config, tensors = read_adapter(path)
+        name = adapter_name or "default"
+        method = config["method"]
+        try:
+            self.plugin_manager.get_injector(method)
+        except UnknownMethodError as exc:
+            raise UnknownMethodError(
+                f"adapter {str(path)!r} was made with method {method!r}, which no installed plugin provides ({exc})"
+            ) from None
+        self._check_fingerprint(path, config)
+        self.add_adapter(name, method, trainable=is_trainable, **config["options"])
+        try:
+            self._load_state(name, tensors, path)
+        except BaseException:
+            self.delete_adapter(name)
+            raise
+        return name
+
+    def _check_fingerprint(self, path: Any, config: dict[str, Any]) -> None:
+        problems = []
+        for module_name, shape in config["base_model"]["targets"].items():
+            try:
+                module = self.base_model.get_submodule(module_name)
+            except AttributeError:
+                problems.append(f"module {module_name!r} does not exist in {type(self.base_model).__name__}")
+                continue
+            actual = layer_shape(module)
+            if list(shape) != actual:
+                problems.append(f"module {module_name!r} has shape {actual}, the adapter expects {list(shape)}")
+        if problems:
+            saved_cls = config["base_model"].get("class")
+            raise AdapterFormatError(
+                f"adapter {str(path)!r} was made for another base model ({saved_cls}): "
+                + "; ".join(problems[:5])
+                + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+                + ". Load it onto the model it was trained on."
+            )
+
+    def _load_state(self, name: str, tensors: dict[str, torch.Tensor], path: Any) -> None:
+        remaining = dict(tensors)
+        for layer_path, layer in self._layers_of(name):
+            prefix = _ATTACHED if layer_path.startswith(_ATTACHED + ".") else _normalize_path(layer_path.removeprefix("base_model."))
+            prefix += "."
+            own = {k[len(prefix):]: remaining.pop(k) for k in list(remaining) if k.startswith(prefix)}
+            try:
+                layer.load_adapter_state_dict(name, own)
+            except (KeyError, RuntimeError, ValueError) as exc:
+                raise AdapterFormatError(f"adapter {str(path)!r}: tensors for module {prefix[:-1]!r} do not fit: {exc}") from None
+        if remaining:
+            listing = ", ".join(sorted(remaining)[:5])
+            raise AdapterFormatError(f"adapter {str(path)!r} holds tensors no module of this model takes: {listing}")

@@ -1,0 +1,33 @@
+"""Shared test setup: no third-party plugin autoloading, a few threads, quiet transformers."""
+
+from __future__ import annotations
+
+import os
+
+# Tests see only the built-in plugins unless a test is about autoloading.
+os.environ.setdefault("PEFTKIT_DISABLE_PLUGIN_AUTOLOAD", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture
+def register_plugin():
+    """Register plugin objects on the process-wide manager for one test, unregistering them after."""
+    import peftkit
+
+    pm = peftkit.plugin_manager()
+    names = []
+
+    def register(plugin, name=None):
+        names.append(pm.register(plugin, name=name))
+        return names[-1]
+
+    yield register
+    for name in names:
+        if pm.get_plugin(name) is not None:
+            pm.unregister(name=name)
