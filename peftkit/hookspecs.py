@@ -29,6 +29,7 @@ __all__ = [
     "peftkit_register_objectives",
     "peftkit_layer_wrapper",
     "peftkit_after_inject",
+    "peftkit_model_load_kwargs",
     "peftkit_on_log",
 ]
 
@@ -98,6 +99,21 @@ def peftkit_after_inject(model: "TunedModel", adapter_name: str, method: str) ->
     :param adapter_name: the name of the new adapter.
     :param method: the method name that injected it.
     :returns: nothing; the return value is ignored.
+    """
+
+
+@hookspec
+def peftkit_model_load_kwargs(method: str, options: Any) -> dict[str, Any] | None:
+    """Extra keyword arguments for ``from_pretrained`` when loading a base model for ``method``.
+
+    Lets a method load its base straight into the form it needs, e.g. QLoRA
+    returns ``{"quantization_config": BitsAndBytesConfig(...)}`` so the weights
+    go to 4-bit without a full-precision copy first. Results of all plugins are
+    merged; two plugins giving the same key is an error.
+
+    :param method: the method the model is loaded for.
+    :param options: that method's validated options object.
+    :returns: a dict of keyword arguments, or ``None`` to add nothing.
     """
 
 

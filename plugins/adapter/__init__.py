@@ -1,0 +1,1 @@
+"""Built-in plugin `adapter` (in progress: registers nothing yet)."""

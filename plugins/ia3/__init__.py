@@ -1,0 +1,1 @@
+"""Built-in plugin `ia3` (in progress: registers nothing yet)."""

@@ -1,0 +1,1 @@
+"""Built-in plugin `p_tuning` (in progress: registers nothing yet)."""

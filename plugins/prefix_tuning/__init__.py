@@ -1,0 +1,1 @@
+"""Built-in plugin `prefix_tuning` (in progress: registers nothing yet)."""

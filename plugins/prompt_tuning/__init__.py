@@ -1,0 +1,1 @@
+"""Built-in plugin `prompt_tuning` (in progress: registers nothing yet)."""

@@ -1,0 +1,1 @@
+"""Built-in plugin `qlora` (in progress: registers nothing yet)."""

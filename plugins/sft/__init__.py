@@ -1,0 +1,1 @@
+"""Built-in plugin `sft` (in progress: registers nothing yet)."""
