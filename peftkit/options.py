@@ -111,14 +111,15 @@ def build_options(cls: type[T], values: Mapping[str, Any] | None = None, *, owne
         if hints[name] is float and isinstance(value, int):
             value = float(value)
         kwargs[name] = value
-    if problems:
-        raise OptionsError(owner, problems)
-    instance = cls(**kwargs)
+    try:  # range checks run on the valid values too, so every problem is reported at once
+        instance = cls(**kwargs)
+    except TypeError:  # a required field is missing: already reported
+        instance = None
     validate = getattr(instance, "validate", None)
     if validate is not None:
-        extra = list(validate())
-        if extra:
-            raise OptionsError(owner, extra)
+        problems.extend(validate())
+    if problems:
+        raise OptionsError(owner, problems)
     return instance
 
 

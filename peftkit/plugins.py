@@ -191,6 +191,26 @@ class PluginManager(pluggy.PluginManager):
             )
         return found[name].obj
 
+    def model_load_kwargs(self, method: str, options: Any) -> dict[str, Any]:
+        """Merge every plugin's ``peftkit_model_load_kwargs`` answer for ``method``.
+
+        :raises PluginError: if two plugins set the same keyword.
+        """
+        merged: dict[str, Any] = {}
+        owner: dict[str, str] = {}
+        hook = self.hook.peftkit_model_load_kwargs
+        for impl in reversed(hook.get_hookimpls()):
+            kwargs = {k: v for k, v in {"method": method, "options": options}.items() if k in impl.argnames}
+            result = impl.function(**kwargs)
+            for key, value in (result or {}).items():
+                if key in merged:
+                    raise PluginError(
+                        f"plugins {owner[key]!r} and {impl.plugin_name!r} both set from_pretrained keyword "
+                        f"{key!r} for method {method!r}; uninstall one of them"
+                    )
+                merged[key], owner[key] = value, impl.plugin_name
+        return merged
+
     def injector_for_options(self, options: Any) -> Any:
         """The injector whose ``options`` class is ``type(options)``."""
         for reg in self.injectors().values():

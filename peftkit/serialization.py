@@ -75,7 +75,11 @@ class atomic_directory:
             shutil.rmtree(old)
         if self.path.exists():
             os.rename(self.path, old)
-        os.rename(self.tmp, self.path)
+        try:
+            os.rename(self.tmp, self.path)
+        except BaseException:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
         _fsync_dir(self.path.parent)
         if old.exists():
             shutil.rmtree(old)

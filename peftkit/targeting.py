@@ -122,7 +122,13 @@ def find_targets(
                 "target Linear, Conv1D or quantized linear layers only"
             )
     if not matched:
-        names = sorted({n.split(".")[-1] for n, m in candidates if not linear_only or is_linear_like(m)})
+        names = sorted(
+            {
+                n.split(".")[-1]
+                for n, m in candidates
+                if is_linear_like(m) or (not linear_only and not n.split(".")[-1].isdigit())
+            }
+        )
         extra = f" in layers {sorted(wanted)}" if layers is not None else ""
         raise TargetError(
             f"{option}={target_modules!r} matches no module of {type(model).__name__}{extra}; "

@@ -29,8 +29,12 @@ __all__ = ["LoraInjector", "LoraLayer", "LoraOptions", "inject_lora"]
 
 
 def inject_lora(context: InjectionContext, options: LoraOptions) -> None:
-    """Wrap every target of ``options.target_modules`` with a LoRA layer (shared with LoRA variants)."""
-    for name, _ in context.find_targets(options.target_modules, layers=options.layers):
+    """Wrap every target of ``options.target_modules`` with a LoRA layer (shared with LoRA variants).
+
+    Named targets may be of any type some plugin can wrap (``peftkit_layer_wrapper``);
+    ``"all-linear"`` selects Linear-like layers only.
+    """
+    for name, _ in context.find_targets(options.target_modules, layers=options.layers, linear_only=False):
         context.wrap(name, options)
 
 

@@ -1,0 +1,88 @@
+"""The ``peftkit`` command line: ``methods``, ``plugins``, and the training commands."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+__all__ = ["main", "build_parser"]
+
+
+def _cmd_methods(args: argparse.Namespace) -> int:
+    from peftkit.plugins import plugin_manager
+
+    pm = plugin_manager()
+    rows = []
+    for name, reg in sorted(pm.injectors().items()):
+        package = f"{reg.package} {reg.version}" if reg.package else "(registered in code)"
+        rows.append((name, f"{reg.plugin} [{package}]", reg.obj.description))
+    if not rows:
+        print("no methods installed")
+        return 1
+    _print_table(("method", "plugin [package version]", "description"), rows)
+    objectives = sorted(pm.objectives().items())
+    if objectives:
+        print()
+        _print_table(
+            ("objective", "plugin", "description"),
+            [(n, r.plugin, r.obj.description) for n, r in objectives],
+        )
+    return 0
+
+
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    from peftkit.plugins import plugin_manager
+
+    pm = plugin_manager()
+    rows = []
+    for name, plugin in sorted(pm.list_name_plugin(), key=lambda x: str(x[0])):
+        package, version = pm.plugin_package(name)
+        hooks = sorted(caller.name for caller in (pm.get_hookcallers(plugin) or []))
+        rows.append((name, f"{package} {version}" if package else "(registered in code)", ", ".join(hooks) or "(none)"))
+    _print_table(("plugin", "package version", "hooks"), rows)
+    for message in pm.load_errors.values():
+        print(f"\nwarning: {message}", file=sys.stderr)
+    return 0
+
+
+def _print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header) - 1)]
+    for row in [header, *rows]:
+        cells = [str(c).ljust(w) for c, w in zip(row, widths)] + [str(row[-1])]
+        print("  ".join(cells).rstrip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from peftkit._version import __version__
+
+    parser = argparse.ArgumentParser(prog="peftkit", description="Parameter-efficient fine-tuning with pluggable methods.")
+    parser.add_argument("--version", action="version", version=f"peftkit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    p = sub.add_parser("methods", help="list installed PEFT methods and objectives")
+    p.set_defaults(func=_cmd_methods)
+    p = sub.add_parser("plugins", help="list loaded plugins, their package versions and hooks")
+    p.set_defaults(func=_cmd_plugins)
+    from peftkit import cli_train
+
+    cli_train.add_subcommands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    from peftkit.errors import PeftkitError
+
+    try:
+        return int(args.func(args) or 0)
+    except PeftkitError as exc:
+        print(f"peftkit: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
