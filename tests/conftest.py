@@ -9,10 +9,44 @@ os.environ.setdefault("PEFTKIT_DISABLE_PLUGIN_AUTOLOAD", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from dataclasses import dataclass  # noqa: E402
+from typing import Any  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@dataclass
+class _NoOptions:
+    pass
+
+
+def _make_method_plugin(method_name: str) -> Any:
+    import peftkit
+
+    class Injector:
+        name = method_name
+        description = f"test method {method_name}"
+        options = _NoOptions
+        supports_merge = False
+
+        def inject(self, context, options):  # pragma: no cover - registration tests only
+            raise NotImplementedError
+
+    class Plugin:
+        @peftkit.hookimpl
+        def peftkit_register_injectors(self, register):
+            register(Injector())
+
+    return Plugin()
+
+
+@pytest.fixture
+def make_method_plugin():
+    """Factory: a plugin object registering a do-nothing method with the given name."""
+    return _make_method_plugin
 
 
 @pytest.fixture

@@ -13,8 +13,6 @@ import peftkit
 from peftkit.errors import PluginError, UnknownMethodError
 from peftkit.plugins import PluginLoadWarning, create_plugin_manager
 
-from tests.helpers import make_method_plugin
-
 
 class _FakeDist:
     def __init__(self, name: str, version: str = "9.9"):
@@ -68,14 +66,14 @@ def test_builtins_load_through_entry_points():
     assert "lora" in eps
 
 
-def test_third_party_entry_point_is_loaded_and_attributed(fake_entry_points):
+def test_third_party_entry_point_is_loaded_and_attributed(fake_entry_points, make_method_plugin):
     fake_entry_points("thirdparty", _module_with(make_method_plugin("thirdparty_method"), "m"), "peftkit-thirdparty")
     pm = create_plugin_manager(autoload=True)
     reg = pm.injectors()["thirdparty_method"]
     assert (reg.plugin, reg.package, reg.version) == ("thirdparty", "peftkit-thirdparty", "9.9")
 
 
-def test_autoload_can_be_disabled_by_environment(fake_entry_points, monkeypatch):
+def test_autoload_can_be_disabled_by_environment(fake_entry_points, monkeypatch, make_method_plugin):
     fake_entry_points("thirdparty", _module_with(make_method_plugin("thirdparty_method"), "m"), "peftkit-thirdparty")
     monkeypatch.setenv("PEFTKIT_DISABLE_PLUGIN_AUTOLOAD", "1")
     pm = create_plugin_manager()
@@ -83,7 +81,7 @@ def test_autoload_can_be_disabled_by_environment(fake_entry_points, monkeypatch)
     assert "lora" in pm.injectors(), "built-ins must still load"
 
 
-def test_peftkit_plugins_restricts_third_party_plugins(fake_entry_points, monkeypatch):
+def test_peftkit_plugins_restricts_third_party_plugins(fake_entry_points, monkeypatch, make_method_plugin):
     fake_entry_points("one", _module_with(make_method_plugin("method_one"), "m1"), "peftkit-one", module_name="m_one")
     fake_entry_points("two", _module_with(make_method_plugin("method_two"), "m2"), "peftkit-two", module_name="m_two")
     monkeypatch.delenv("PEFTKIT_DISABLE_PLUGIN_AUTOLOAD", raising=False)
@@ -95,7 +93,7 @@ def test_peftkit_plugins_restricts_third_party_plugins(fake_entry_points, monkey
     assert "method_two" in pm.injectors() and "method_one" not in pm.injectors()
 
 
-def test_broken_plugin_warns_once_naming_plugin_and_package(fake_entry_points):
+def test_broken_plugin_warns_once_naming_plugin_and_package(fake_entry_points, make_method_plugin):
     fake_entry_points("broken", None, "peftkit-broken", module_name="no_such_module_for_peftkit_tests")
     fake_entry_points("fine", _module_with(make_method_plugin("fine_method"), "m"), "peftkit-fine", module_name="m_fine")
     with warnings.catch_warnings(record=True) as caught:
@@ -108,7 +106,7 @@ def test_broken_plugin_warns_once_naming_plugin_and_package(fake_entry_points):
     assert "fine_method" in pm.injectors() and "lora" in pm.injectors()
 
 
-def test_duplicate_method_names_name_both_plugins(register_plugin):
+def test_duplicate_method_names_name_both_plugins(register_plugin, make_method_plugin):
     register_plugin(make_method_plugin("lora"), name="impostor")
     with pytest.raises(PluginError) as info:
         peftkit.plugin_manager().injectors()
@@ -116,7 +114,7 @@ def test_duplicate_method_names_name_both_plugins(register_plugin):
     assert "'lora'" in text and "'impostor'" in text and "registered twice" in text
 
 
-def test_registry_follows_register_and_unregister(register_plugin):
+def test_registry_follows_register_and_unregister(register_plugin, make_method_plugin):
     assert "handmade" not in peftkit.available_methods()
     name = register_plugin(make_method_plugin("handmade"))
     assert "handmade" in peftkit.available_methods()
