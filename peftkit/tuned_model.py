@@ -282,7 +282,10 @@ class TunedModel(nn.Module):
         self._active = None
         base = self.base_model
         for n, p in base.named_parameters():
-            p.requires_grad_(self._original_requires_grad.get(n, p.requires_grad))
+            # A method may have replaced a parameter by one that cannot require
+            # grad (a quantized integer weight); it stays frozen.
+            if p.is_floating_point() or p.is_complex():
+                p.requires_grad_(self._original_requires_grad.get(n, p.requires_grad))
         return base
 
     # ---------------------------------------------------------- parameters
