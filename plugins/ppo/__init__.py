@@ -1,0 +1,1 @@
+"""PPO objective (placeholder while being built)."""

@@ -1,0 +1,1 @@
+"""Reward-model objective (placeholder while being built)."""
