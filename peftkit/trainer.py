@@ -1,0 +1,434 @@
+"""The training loop: one plain, readable loop over ``accelerate``.
+
+``accelerate`` places the model, runs mixed precision and DDP (launch the same
+command under ``torchrun``/``accelerate launch``); everything else is here, in
+the order it happens: load the base model, inject the adapter, prepare data,
+then loop ``optimizer step <- gradient accumulation <- micro-batches``, logging,
+evaluating and checkpointing as the recipe says.
+
+Outputs in ``output.dir``: ``recipe.yaml`` (what ran), ``metrics.jsonl`` (one
+JSON object per logged step or evaluation), ``checkpoint/`` (adapter in its
+training form + optimizer, scheduler, RNG states, step and data position,
+replaced atomically), ``adapter/`` (the final adapter, inference form),
+``loss_curve.png``.
+
+Resuming (``resume=True``) restores every piece of the checkpoint, so on the
+CPU a run that was killed and resumed ends with an adapter bit-identical to an
+uninterrupted one (single process; under DDP every rank restores rank 0's RNG
+state). A NaN/inf loss stops the run before the bad step touches the weights;
+the last checkpoint stays as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import yaml
+from torch import nn
+
+from peftkit.data import BatchOrder, DataError, load_records, split_records
+from peftkit.errors import PeftkitError
+from peftkit.options import options_to_dict
+from peftkit.plugins import PluginManager, plugin_manager
+from peftkit.recipe import Recipe
+from peftkit.registry import ObjectiveLoss
+from peftkit.serialization import atomic_directory
+
+__all__ = ["Trainer", "TrainResult", "TrainingError", "train"]
+
+ADAPTER_DIR = "adapter"
+CHECKPOINT_DIR = "checkpoint"
+STATE_FILE = "trainer_state.pt"
+METRICS_FILE = "metrics.jsonl"
+
+
+class TrainingError(PeftkitError, RuntimeError):
+    """Training cannot go on (non-finite loss, no checkpoint to resume, ...)."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced."""
+
+    output_dir: Path
+    adapter_dir: Path
+    steps: int
+    eval_loss_before: float | None
+    eval_loss_after: float | None
+    train_loss: float | None
+    seconds: float
+    tokens_per_second: float
+
+
+class _ObjectiveStep(nn.Module):
+    """The model plus the objective's loss as one module, so DDP and autocast wrap the whole loss computation."""
+
+    def __init__(self, tuned: nn.Module, objective: Any, options: Any):
+        super().__init__()
+        self.tuned = tuned
+        self.objective = objective
+        self.options = options
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> ObjectiveLoss:
+        return self.objective.loss(self.tuned, batch, self.options)
+
+
+def _rng_state() -> dict[str, Any]:
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.copy()), pos, has_gauss, gauss),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    """Runs one recipe. Construct, then call :meth:`train`.
+
+    :param recipe: a validated :class:`peftkit.recipe.Recipe`.
+    :param model: a base model to use instead of loading ``recipe.model`` (tests, notebooks).
+    :param tokenizer: its tokenizer (required with ``model``).
+    :param resume: continue from ``output.dir/checkpoint``.
+    :param progress: show a progress bar (main process only).
+    """
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        *,
+        model: nn.Module | None = None,
+        tokenizer: Any = None,
+        resume: bool = False,
+        progress: bool = True,
+        plugin_manager: PluginManager | None = None,
+    ):
+        from accelerate import Accelerator
+
+        if (model is None) != (tokenizer is None):
+            raise TrainingError("pass both model and tokenizer, or neither (then recipe.model is loaded)")
+        self.recipe = recipe
+        self.pm = plugin_manager or globals()["plugin_manager"]()
+        self.resume = resume
+        self.progress = progress
+        self.output_dir = Path(recipe.output.dir)
+        self.accelerator = Accelerator(cpu=recipe.train.cpu, mixed_precision=recipe.train.mixed_precision)
+        self.objective = self.pm.get_objective(recipe.objective.name)
+        self.objective_options = recipe.objective_options
+        self._given_model, self._given_tokenizer = model, tokenizer
+        self.metrics_path = self.output_dir / METRICS_FILE
+        self.history: list[dict[str, Any]] = []
+
+    # ============================================================ setup
+    def setup(self) -> None:
+        """Load the model, inject the adapter, read the data, build optimizer and scheduler."""
+        import peftkit
+        from accelerate.utils import set_seed
+        from transformers import get_scheduler
+
+        recipe, train_cfg = self.recipe, self.recipe.train
+        set_seed(train_cfg.seed)  # python, numpy and torch: the adapter's initialisation depends on it
+
+        # ---- base model, loaded straight into whatever form the method needs (e.g. 4-bit)
+        if self._given_model is not None:
+            model, tokenizer = self._given_model, self._given_tokenizer
+        else:
+            from peftkit.models import load_model_and_tokenizer
+
+            kwargs = self.pm.model_load_kwargs(recipe.method.name, recipe.method_options)
+            kwargs.update(recipe.model.load_kwargs)
+            model, tokenizer = load_model_and_tokenizer(recipe.model.name_or_path, dtype=recipe.model.dtype, load_kwargs=kwargs)
+        if getattr(tokenizer, "pad_token_id", None) is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.tokenizer = tokenizer
+
+        # ---- adapter: fresh, or the checkpoint's (training form, so e.g. reparameterisations come back too)
+        checkpoint = self.output_dir / CHECKPOINT_DIR
+        if self.resume:
+            if not (checkpoint / STATE_FILE).is_file():
+                raise TrainingError(
+                    f"cannot resume: no checkpoint at {checkpoint} (output.dir = {recipe.output.dir!r}); "
+                    "run without --resume to start, or point output.dir at the run to continue"
+                )
+            self.tuned = peftkit.load(model, checkpoint / ADAPTER_DIR, is_trainable=True)
+        else:
+            self.tuned = peftkit.wrap(model, recipe.method.name, **options_to_dict(recipe.method_options))
+        self.tuned.train()
+        if train_cfg.gradient_checkpointing:
+            self._enable_gradient_checkpointing()
+
+        # ---- data
+        self.train_examples, self.eval_examples = self._prepare_data()
+
+        # ---- optimizer and schedule
+        params = self.tuned.trainable_parameters()
+        if not params:
+            raise TrainingError(f"method {recipe.method.name!r} left no trainable parameter; check method.options")
+        self.optimizer = torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+        self.order = BatchOrder(
+            len(self.train_examples),
+            train_cfg.batch_size,
+            seed=train_cfg.seed,
+            rank=self.accelerator.process_index,
+            world_size=self.accelerator.num_processes,
+        )
+        if train_cfg.max_steps is not None:
+            self.total_steps = train_cfg.max_steps
+        else:
+            micro = math.ceil(train_cfg.epochs * self.order.batches_per_epoch)
+            self.total_steps = max(1, micro // train_cfg.gradient_accumulation_steps)
+        self.scheduler = get_scheduler(
+            train_cfg.scheduler, self.optimizer, num_warmup_steps=train_cfg.warmup_steps, num_training_steps=self.total_steps
+        )
+        self.step_module = self.accelerator.prepare(_ObjectiveStep(self.tuned, self.objective, self.objective_options))
+        self.optimizer = self.accelerator.prepare(self.optimizer)
+        self.step = 0
+        self.eval_loss_before: float | None = None
+        if self.resume:
+            self._load_checkpoint(checkpoint)
+
+    def _enable_gradient_checkpointing(self) -> None:
+        hf_model = self.tuned.base_model
+        if not getattr(hf_model, "supports_gradient_checkpointing", False):
+            raise TrainingError(
+                f"train.gradient_checkpointing: {type(hf_model).__name__} does not support activation checkpointing; "
+                "set it to false"
+            )
+        # Non-reentrant checkpointing back-propagates into adapters inside the
+        # checkpointed layers even when the layer inputs need no grad; input
+        # grads are enabled as well for input-side methods whose trainable
+        # tensors join at the embeddings.
+        hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        with contextlib.suppress(NotImplementedError, AttributeError):
+            hf_model.enable_input_require_grads()
+        if getattr(hf_model.config, "use_cache", None):
+            hf_model.config.use_cache = False
+
+    def _prepare_data(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        data = self.recipe.data
+        records = load_records(data.train)
+        if data.eval:
+            train_records, eval_records = records, load_records(data.eval)
+        elif data.eval_size:
+            train_records, eval_records = split_records(records, data.eval_size, data.seed)
+        else:
+            train_records, eval_records = records, []
+        if data.max_train_samples is not None:
+            train_records = train_records[: data.max_train_samples]
+        prepare = self.objective.prepare_data
+        train = prepare(train_records, self.tokenizer, self.objective_options, data.max_length)
+        evals = prepare(eval_records, self.tokenizer, self.objective_options, data.max_length) if eval_records else []
+        if not train:
+            raise DataError(f"data.train = {data.train!r}: no usable training example after preparation")
+        return train, evals
+
+    # ============================================================ pieces
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.accelerator.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        for indices in self.order:
+            yield self._to_device(self.objective.collate([self.train_examples[i] for i in indices], self.tokenizer))
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean loss per target over the held-out examples (``None`` without any)."""
+        if not self.eval_examples:
+            return None
+        was_training = self.tuned.training
+        self.tuned.eval()
+        size = self.recipe.train.eval_batch_size or self.recipe.train.batch_size
+        module = self.accelerator.unwrap_model(self.step_module)
+        total, count = 0.0, 0
+        for start in range(0, len(self.eval_examples), size):
+            batch = self._to_device(self.objective.collate(self.eval_examples[start : start + size], self.tokenizer))
+            with self.accelerator.autocast():
+                out = module(batch)
+            total += float(out.loss) * out.num_targets
+            count += out.num_targets
+        self.tuned.train(was_training)
+        return total / count if count else None
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Append one record to ``metrics.jsonl`` and tell the ``peftkit_on_log`` hook (main process)."""
+        self.history.append(record)
+        if not self.accelerator.is_main_process:
+            return
+        with open(self.metrics_path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        metrics = {k: float(v) for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+        self.pm.hook.peftkit_on_log(step=int(record["step"]), metrics=metrics)
+
+    def save_checkpoint(self) -> None:
+        """Write ``checkpoint/`` atomically: the adapter (training form) and every piece of loop state."""
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            with atomic_directory(self.output_dir / CHECKPOINT_DIR) as tmp:
+                self.tuned.save(tmp / ADAPTER_DIR, training=True)
+                state = {
+                    "step": self.step,
+                    "data": self.order.state_dict(),
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "rng": _rng_state(),
+                    "eval_loss_before": self.eval_loss_before,
+                }
+                torch.save(state, tmp / STATE_FILE)
+        self.accelerator.wait_for_everyone()
+
+    def _load_checkpoint(self, checkpoint: Path) -> None:
+        state = torch.load(checkpoint / STATE_FILE, weights_only=False, map_location="cpu")  # our own file
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.order.load_state_dict(state["data"])
+        self.step = int(state["step"])
+        self.eval_loss_before = state["eval_loss_before"]
+        _set_rng_state(state["rng"])
+        # Lines the interrupted run logged after its checkpoint are replayed, so they go.
+        if self.accelerator.is_main_process and self.metrics_path.is_file():
+            kept = [line for line in self.metrics_path.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
+            self.metrics_path.write_text("".join(line + "\n" for line in kept))
+        self.history = [json.loads(line) for line in self.metrics_path.read_text().splitlines()] if self.metrics_path.is_file() else []
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        if torch.isfinite(loss.detach()).all():
+            return
+        checkpoint = self.output_dir / CHECKPOINT_DIR
+        saved = f"the last good checkpoint at {checkpoint} is intact" if (checkpoint / STATE_FILE).is_file() else "no checkpoint was written yet"
+        raise TrainingError(
+            f"the loss became {float(loss.detach())} at step {self.step + 1}; training stopped before this step "
+            f"changed the adapter ({saved}). Lower train.lr, set train.max_grad_norm, or use "
+            "train.mixed_precision: no / model.dtype: float32."
+        )
+
+    # ============================================================ the loop
+    def train(self) -> TrainResult:
+        """Run the recipe to its last step and return what it produced."""
+        if not hasattr(self, "tuned"):
+            self.setup()
+        if self.accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "recipe.yaml").write_text(yaml.safe_dump(self.recipe.to_dict(), sort_keys=False))
+            if not self.resume and self.metrics_path.exists():
+                self.metrics_path.unlink()
+        run = getattr(self.objective, "run", None)
+        if callable(run):  # an objective with a loop of its own (e.g. PPO rollouts)
+            return run(self, self.objective_options)
+        return self._sft_style_loop()
+
+    def _sft_style_loop(self) -> TrainResult:
+        from tqdm.auto import tqdm
+
+        train_cfg, out_cfg, accel = self.recipe.train, self.recipe.output, self.accelerator
+        accum = train_cfg.gradient_accumulation_steps
+        if not self.resume:
+            self.eval_loss_before = self.evaluate()
+            if self.eval_loss_before is not None:
+                self.log({"step": 0, "eval_loss": self.eval_loss_before})
+        batches = self._batches()
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not (self.progress and accel.is_main_process), unit="step")
+        start_time, tokens_seen, window_loss, window_steps, last_loss = time.perf_counter(), 0, 0.0, 0, None
+        window_start, window_tokens = start_time, 0
+        self.step_module.train()
+
+        while self.step < self.total_steps:
+            # ---- one optimizer step = `accum` micro-batches
+            step_loss = 0.0
+            for micro in range(accum):
+                batch = next(batches)
+                sync = micro == accum - 1
+                with contextlib.nullcontext() if sync else accel.no_sync(self.step_module):
+                    out = self.step_module(batch)
+                    self._check_finite(out.loss)
+                    accel.backward(out.loss / accum)
+                step_loss += float(out.loss.detach()) / accum
+                n_tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else int(batch["input_ids"].numel())
+                tokens_seen += n_tokens
+                window_tokens += n_tokens
+            if train_cfg.max_grad_norm is not None:
+                accel.clip_grad_norm_(self.tuned.trainable_parameters(), train_cfg.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            window_loss += step_loss
+            window_steps += 1
+            bar.update(1)
+
+            # ---- log, evaluate, checkpoint
+            if self.step % out_cfg.log_every == 0 or self.step == self.total_steps:
+                now = time.perf_counter()
+                last_loss = window_loss / window_steps
+                tps = window_tokens * accel.num_processes / max(now - window_start, 1e-9)
+                record = {
+                    "step": self.step,
+                    "loss": last_loss,
+                    "lr": self.scheduler.get_last_lr()[0],
+                    "tokens_per_s": tps,
+                    "epoch": self.order.epoch + self.order.batch_in_epoch / self.order.batches_per_epoch,
+                }
+                self.log(record)
+                bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tps:.0f}")
+                window_loss, window_steps, window_start, window_tokens = 0.0, 0, now, 0
+            if out_cfg.eval_every and self.step % out_cfg.eval_every == 0 and self.step < self.total_steps:
+                eval_loss = self.evaluate()
+                if eval_loss is not None:
+                    self.log({"step": self.step, "eval_loss": eval_loss})
+                    bar.set_postfix(loss=f"{last_loss or step_loss:.4f}", eval=f"{eval_loss:.4f}")
+            if out_cfg.save_every and self.step % out_cfg.save_every == 0 and self.step < self.total_steps:
+                self.save_checkpoint()
+        bar.close()
+
+        # ---- the end: final eval, checkpoint, adapter, plot
+        seconds = time.perf_counter() - start_time
+        eval_after = self.evaluate()
+        if eval_after is not None:
+            self.log({"step": self.step, "eval_loss": eval_after})
+        self.save_checkpoint()
+        adapter_dir = self.output_dir / ADAPTER_DIR
+        if accel.is_main_process:
+            self.tuned.save(adapter_dir)
+            if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
+                self.tokenizer.save_pretrained(adapter_dir / "tokenizer")
+            (adapter_dir / "base_model.txt").write_text(self.recipe.model.name_or_path + "\n")
+            if self.recipe.output.plot:
+                from peftkit._plot import plot_losses
+
+                plot_losses(self.history, self.output_dir / "loss_curve.png")
+        accel.wait_for_everyone()
+        return TrainResult(
+            output_dir=self.output_dir,
+            adapter_dir=adapter_dir,
+            steps=self.step,
+            eval_loss_before=self.eval_loss_before,
+            eval_loss_after=eval_after,
+            train_loss=last_loss,
+            seconds=seconds,
+            tokens_per_second=tokens_seen * accel.num_processes / max(seconds, 1e-9),
+        )
+
+
+def train(recipe: Recipe, **kwargs: Any) -> TrainResult:
+    """Train ``recipe`` (see :class:`Trainer` for the keyword arguments)."""
+    return Trainer(recipe, **kwargs).train()
