@@ -17,6 +17,7 @@ from peftkit.errors import (
     UnknownMethodError,
 )
 from peftkit.hookspecs import hookimpl
+from peftkit.interop import export_peft, import_peft
 from peftkit.plugins import plugin_manager
 from peftkit.tuned_model import TunedModel
 
@@ -25,6 +26,8 @@ __all__ = [
     "wrap",
     "load",
     "available_methods",
+    "export_peft",
+    "import_peft",
     "plugin_manager",
     "hookimpl",
     "TunedModel",

@@ -24,6 +24,7 @@ from peftkit.hookspecs import hookimpl
 from peftkit.injection import InjectionContext
 from peftkit_plugins.lora.layer import LoraLayer
 from peftkit_plugins.lora.options import LoraOptions
+from peftkit_plugins.lora.peft_format import LoraPeftFormat
 
 __all__ = ["LoraInjector", "LoraLayer", "LoraOptions", "inject_lora"]
 
@@ -43,6 +44,7 @@ class LoraInjector:
     description = "LoRA: low-rank updates B·A added to Linear layers (Hu et al., 2021); exact merge"
     options = LoraOptions
     supports_merge = True
+    peft_format = LoraPeftFormat()
 
     def inject(self, context: InjectionContext, options: LoraOptions) -> None:
         inject_lora(context, options)
