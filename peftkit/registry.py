@@ -27,6 +27,9 @@ class Injector(Protocol):
         description: one line shown by ``peftkit methods``.
         options: a dataclass of the method's options (see :mod:`peftkit.options`).
         supports_merge: whether the adapter can be folded into the base weights.
+        merge_refusal: (optional) why merge is impossible, shown when a user asks.
+        peft_format: (optional) a :class:`peftkit.interop.PeftFormat` converting
+            adapters to and from Hugging Face peft's directory format.
     """
 
     name: str
