@@ -68,7 +68,7 @@ def adapter_targets(model: nn.Module, options: AdapterOptions) -> dict[str, str 
 
 class AdapterInjector:
     name = "adapter"
-    description = "Bottleneck adapters h + W_up f(W_down h) after attention/FFN outputs (Houlsby et al., 2019); no merge"
+    description = "Bottleneck adapters h + W_up f(W_down h) after attention/FFN outputs (Houlsby et al., 2019)"
     options = AdapterOptions
     supports_merge = False
     merge_refusal = MERGE_REFUSAL

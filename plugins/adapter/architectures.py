@@ -3,8 +3,9 @@
 A *layout* maps a role (``"attention"``: the attention output projection,
 ``"feedforward"``: the feed-forward output projection) to the module-name
 suffixes that play it. The layout of a model is found from its module names,
-not from ``config.model_type``, so every model built like Llama (Mistral,
-Qwen2, ...) or like GPT-2 is recognised without being listed.
+not from ``config.model_type``, so every model built like one of the listed
+families is recognised without being listed: Mistral, Qwen2, Gemma, ... like
+Llama; BART's decoder like OPT; Falcon like BLOOM.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ ROLES = ("attention", "feedforward")
 ADAPTER_LAYOUTS: dict[str, dict[str, list[str]]] = {
     "llama": {"attention": ["self_attn.o_proj"], "feedforward": ["mlp.down_proj"]},
     "gpt2": {"attention": ["attn.c_proj"], "feedforward": ["mlp.c_proj"]},
+    "opt": {"attention": ["self_attn.out_proj"], "feedforward": ["fc2"]},
+    "gpt_neox": {"attention": ["attention.dense"], "feedforward": ["mlp.dense_4h_to_h"]},
+    "bloom": {"attention": ["self_attention.dense"], "feedforward": ["mlp.dense_4h_to_h"]},
 }
 
 

@@ -18,6 +18,25 @@ FFN_OUT = {"llama": "mlp.down_proj", "gpt2": "mlp.c_proj"}
 BLOCK = {"llama": "model.layers", "gpt2": "transformer.h"}
 
 
+def _tiny(architecture: str):
+    """A 2-layer model of another architecture family, to check the default layout table."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=128, hidden_size=32, num_attention_heads=4, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if architecture == "opt":
+        config = tf.OPTConfig(num_hidden_layers=2, ffn_dim=64, word_embed_proj_dim=32, dropout=0.0, **common)
+        model = tf.OPTForCausalLM(config)
+    elif architecture == "gpt_neox":
+        model = tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(num_hidden_layers=2, intermediate_size=64, **common))
+    elif architecture == "falcon":
+        model = tf.FalconForCausalLM(tf.FalconConfig(num_hidden_layers=2, **common))
+    else:
+        common["n_head"] = common.pop("num_attention_heads")
+        model = tf.BloomForCausalLM(tf.BloomConfig(n_layer=2, **common))
+    return model.eval()
+
+
 def _logits(model, batch):
     with torch.no_grad():
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -106,6 +125,29 @@ def test_merge_is_refused_with_the_reason():
         tuned.merge()
     with pytest.raises(MergeNotSupportedError, match="nonlinearity"):
         tuned.merge_and_unload()
+
+
+OTHER_LAYOUTS = {
+    "opt": ("model.decoder.layers", "self_attn.out_proj", "fc2"),
+    "gpt_neox": ("gpt_neox.layers", "attention.dense", "mlp.dense_4h_to_h"),
+    "falcon": ("transformer.h", "self_attention.dense", "mlp.dense_4h_to_h"),
+    "bloom": ("transformer.h", "self_attention.dense", "mlp.dense_4h_to_h"),
+}
+
+
+@pytest.mark.slow  # imports and builds four more transformers architectures
+@pytest.mark.parametrize("architecture", OTHER_LAYOUTS)
+def test_other_architectures_from_the_default_table(architecture):
+    block, attention, feedforward = OTHER_LAYOUTS[architecture]
+    batch = sample_batch()
+    base = _logits(_tiny(architecture), batch)
+    tuned = peftkit.wrap(_tiny(architecture), "adapter")
+    assert list(_layers(tuned)) == [f"{block}.{i}.{suffix}" for i in range(2) for suffix in (attention, feedforward)]
+    assert torch.equal(_logits(tuned, batch), base)
+    train_steps(tuned, batch, steps=2)
+    assert not torch.equal(_logits(tuned, batch), base)
+    with tuned.disable_adapters():
+        assert torch.equal(_logits(tuned, batch), base)
 
 
 # ------------------------------------------------------------------ targets and options

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from torch import nn
@@ -13,11 +15,39 @@ from peftkit_plugins.ia3 import IA3Layer, ia3_targets
 from peftkit_plugins.ia3.options import IA3Options
 
 MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
-# The modules peft uses by default for these architectures; the tests pass them explicitly to both.
+# Our default targets and feed-forward modules per architecture, passed explicitly to both libraries.
 PEFT_TARGETS = {
     "llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
     "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
+    "opt": (["k_proj", "v_proj", "fc2"], ["fc2"]),
+    "gpt_neox": (["query_key_value", "dense_4h_to_h"], ["dense_4h_to_h"]),
+    "falcon": (["query_key_value", "dense_4h_to_h"], ["dense_4h_to_h"]),
+    "bloom": (["query_key_value", "dense_4h_to_h"], ["dense_4h_to_h"]),
 }
+# Architectures whose peft defaults are ours (peft's OPT default is q_proj, k_proj, fc2).
+SAME_DEFAULTS_AS_PEFT = ["llama", "gpt2", "gpt_neox", "falcon", "bloom"]
+
+
+def _tiny(architecture: str):
+    """A 2-layer model of another architecture family, to check the default layout table."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=128, hidden_size=32, num_attention_heads=4, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if architecture == "opt":
+        config = tf.OPTConfig(num_hidden_layers=2, ffn_dim=64, word_embed_proj_dim=32, dropout=0.0, **common)
+        model = tf.OPTForCausalLM(config)
+    elif architecture == "gpt_neox":
+        model = tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(num_hidden_layers=2, intermediate_size=64, **common))
+    elif architecture == "falcon":
+        model = tf.FalconForCausalLM(tf.FalconConfig(num_hidden_layers=2, **common))
+    else:
+        common["n_head"] = common.pop("num_attention_heads")
+        model = tf.BloomForCausalLM(tf.BloomConfig(n_layer=2, **common))
+    return model.eval()
+
+
+ALL_MODELS = {**MODELS, **{arch: functools.partial(_tiny, arch) for arch in ["opt", "gpt_neox", "falcon", "bloom"]}}
 
 
 def _logits(model, batch):
@@ -47,7 +77,8 @@ def test_conformance(model, check):
 
 @pytest.mark.parametrize("model", MODELS)
 def test_conformance_merge_with_layers_and_output_only(model):
-    check_injector("ia3", model_factory=MODELS[model], checks=["merge", "save_load_roundtrip"], layers=[1], feedforward_modules=[])
+    checks = ["merge", "save_load_roundtrip"]
+    check_injector("ia3", model_factory=MODELS[model], checks=checks, layers=[1], feedforward_modules=[])
 
 
 # ------------------------------------------------------------------ reference
@@ -55,7 +86,8 @@ def _peft_reference(model: str, ours: peftkit.TunedModel):
     peft = pytest.importorskip("peft")
     targets, feedforward = PEFT_TARGETS[model]
     reference = peft.get_peft_model(
-        MODELS[model](), peft.IA3Config(target_modules=targets, feedforward_modules=feedforward, fan_in_fan_out=(model == "gpt2"))
+        ALL_MODELS[model](),
+        peft.IA3Config(target_modules=targets, feedforward_modules=feedforward, fan_in_fan_out=(model == "gpt2")),
     )
     state = reference.state_dict()
     with torch.no_grad():
@@ -66,34 +98,45 @@ def _peft_reference(model: str, ours: peftkit.TunedModel):
     return reference.eval()
 
 
-@pytest.mark.parametrize("model", MODELS)
+def _slow_unless_tiny_default(models):
+    """The other architectures import and build more transformers code: slow-marked."""
+    return [m if m in MODELS else pytest.param(m, marks=pytest.mark.slow) for m in models]
+
+
+@pytest.mark.parametrize("model", _slow_unless_tiny_default(ALL_MODELS))
 def test_matches_peft_reference(model):
     """Identical (random) IA3 vectors in peftkit and peft give logits within 1e-5 and the same greedy tokens."""
     targets, feedforward = PEFT_TARGETS[model]
-    ours = peftkit.wrap(MODELS[model](), "ia3", target_modules=targets, feedforward_modules=feedforward)
+    ours = peftkit.wrap(ALL_MODELS[model](), "ia3", target_modules=targets, feedforward_modules=feedforward)
+    assert ours.adapter_state_dict().keys() == peftkit.wrap(ALL_MODELS[model](), "ia3").adapter_state_dict().keys()
     _randomize(ours)
     reference = _peft_reference(model, ours)
     batch = sample_batch(batch_size=3, seq_len=12)
     got, want = _logits(ours, batch), _logits(reference, batch)
     assert (got - want).abs().max() < 1e-5
-    assert (got - _logits(MODELS[model](), batch)).abs().max() > 1e-3  # the vectors do change the output
+    assert (got - _logits(ALL_MODELS[model](), batch)).abs().max() > 1e-3  # the vectors do change the output
     prompt = batch["input_ids"][:, :4]
-    kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+    kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    kwargs["pad_token_id"] = 0
     assert torch.equal(ours.generate(input_ids=prompt, **kwargs), reference.generate(input_ids=prompt, **kwargs))
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", _slow_unless_tiny_default(SAME_DEFAULTS_AS_PEFT))
 def test_defaults_and_state_keys_match_peft(model):
     """Default targets equal peft's defaults, and peft's saved keys are ours with a ``base_model.model.`` prefix."""
     peft = pytest.importorskip("peft")
-    ours = peftkit.wrap(MODELS[model](), "ia3")  # per-architecture defaults
-    reference = peft.get_peft_model(MODELS[model](), peft.IA3Config(fan_in_fan_out=(model == "gpt2")))
+    ours = peftkit.wrap(ALL_MODELS[model](), "ia3")  # per-architecture defaults
+    reference = peft.get_peft_model(ALL_MODELS[model](), peft.IA3Config(fan_in_fan_out=(model == "gpt2")))
     theirs = peft.get_peft_model_state_dict(reference)
     mine = {f"base_model.model.{k}": v for k, v in ours.adapter_state_dict().items()}
     assert mine.keys() == theirs.keys()
     assert all(mine[k].shape == theirs[k].shape for k in mine)
     # Same per-layer kind too: peft's is_feedforward against ours.
-    peft_ff = {n.removeprefix("base_model.model."): m.is_feedforward for n, m in reference.named_modules() if hasattr(m, "is_feedforward")}
+    peft_ff = {
+        n.removeprefix("base_model.model."): m.is_feedforward
+        for n, m in reference.named_modules()
+        if hasattr(m, "is_feedforward")
+    }
     ours_ff = {n: layer.feedforward["default"] for n, layer in _layers(ours).items()}
     assert ours_ff == peft_ff
 
@@ -180,7 +223,8 @@ def test_merge_refused_on_quantized_weight():
 
     base = nn.Linear(4, 4)
     layer = IA3Layer(base, "a", IA3Options())
-    base.weight = nn.Parameter(torch.zeros(4, 4, dtype=torch.uint8), requires_grad=False)  # what packed 4-bit looks like
+    # What a packed 4-bit weight looks like to the wrapper.
+    base.weight = nn.Parameter(torch.zeros(4, 4, dtype=torch.uint8), requires_grad=False)
     with pytest.raises(MergeNotSupportedError, match="quantized"):
         layer.merge("a")
 
@@ -190,7 +234,8 @@ def test_feedforward_modules_select_input_scaling():
     model = tiny_llama()
     pairs = ia3_targets(model, IA3Options(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=[]))
     assert [ff for _, ff in pairs] == [False] * 6
-    pairs = dict(ia3_targets(model, IA3Options(target_modules=["v_proj", "down_proj"], feedforward_modules=["down_proj"], layers=[1])))
+    options = IA3Options(target_modules=["v_proj", "down_proj"], feedforward_modules=["down_proj"], layers=[1])
+    pairs = dict(ia3_targets(model, options))
     assert pairs == {"model.layers.1.self_attn.v_proj": False, "model.layers.1.mlp.down_proj": True}
 
 
