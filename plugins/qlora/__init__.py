@@ -16,7 +16,7 @@ the model for k-bit training: norms and head in float32, and input embeddings
 marked as requiring grad so activation checkpointing works.
 
 Merge: ``merge()`` replaces each adapted 4-bit layer by a full-precision Linear
-``dequant(W) + scale B A`` (re-quantizing would round the update away) and
+``dequant(W) + scale B A`` (re-quantizing would bury the update in rounding error) and
 ``unmerge()`` restores the 4-bit layer bit-exactly; ``merge_and_unload()``
 returns that dequantized, merged model.
 

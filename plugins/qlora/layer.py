@@ -9,7 +9,9 @@ Forward is LoRA's (Hu et al., 2021, https://arxiv.org/abs/2106.09685) on a
 mixed-precision setup for adapters.
 
 Merging cannot go into the packed 4-bit weight: re-quantizing ``W + scale B A``
-rounds the small update away (it is far below one 4-bit step). So ``merge``
+adds a fresh 4-bit rounding error about as large as a typical update itself
+(an update of 1.5% of ``||W||`` comes back with an error of ~100% of its own
+size), so the update would be lost in the noise. So ``merge``
 swaps the 4-bit layer for a full-precision ``nn.Linear`` holding
 ``dequant(W_4bit) + scale B A`` and keeps the 4-bit layer aside; ``unmerge``
 puts the very same 4-bit layer back (bit-exact), and ``merge_and_unload``
@@ -24,7 +26,7 @@ from torch import nn
 
 from peftkit_plugins.lora.layer import LoraLayer
 from peftkit_plugins.lora.options import LoraOptions
-from peftkit_plugins.qlora.cpu_layout import is_linear4bit, keep_trainable_layout
+from peftkit_plugins.qlora.cpu_layout import is_linear4bit
 from peftkit_plugins.qlora.quantize import dequantize_to_linear
 
 __all__ = ["Lora4bitLayer"]
@@ -43,8 +45,10 @@ class Lora4bitLayer(LoraLayer):
         self.peftkit_method = method
         # A plain list, not a submodule: the 4-bit layer set aside while merged
         # must not appear in state_dict() or named_modules().
+        # The CPU-layout guard (cpu_layout.py) runs on the whole model after
+        # injection (peftkit_after_inject), so that it also covers the 4-bit
+        # layers no adapter wraps.
         self._set_aside: list[nn.Module] = []
-        keep_trainable_layout(self._innermost_holder().base_layer)
 
     def _innermost_holder(self) -> nn.Module:
         """The wrapper whose ``base_layer`` is the innermost (4-bit or, while merged, dense) layer."""
