@@ -229,3 +229,19 @@ def test_two_adapters_switch_and_save_second(model, tmp_path):
     assert {tuple(layer.adapter_down["second"].weight.shape) for layer in _layers(loaded).values()} == {(4, 32)}
     tuned.delete_adapter("default")
     assert torch.equal(_logits(tuned, batch), second)
+
+
+def test_another_plugin_can_supply_the_wrapper(register_plugin):
+    """The built-in wrapper answers trylast, so a plugin's wrapper for the same layer type wins."""
+
+    class OtherAdapterLayer(BottleneckAdapterLayer):
+        pass
+
+    class Plugin:
+        @peftkit.hookimpl
+        def peftkit_layer_wrapper(self, method, layer, options):
+            return OtherAdapterLayer if method == "adapter" else None
+
+    register_plugin(Plugin())
+    tuned = peftkit.wrap(tiny_gpt2(), "adapter", placement="pfeiffer")
+    assert [type(layer) for layer in _layers(tuned).values()] == [OtherAdapterLayer] * 2

@@ -289,3 +289,25 @@ def test_two_adapters_switch_and_save_second(model, tmp_path):
     tuned.delete_adapter("default")
     assert tuned.active_adapter == "second"
     assert torch.equal(_logits(tuned, batch), second)
+
+
+# ------------------------------------------------------------------ layer-wrapper hook
+def test_another_plugin_can_supply_the_wrapper(register_plugin):
+    """The built-in wrapper answers trylast; a plugin's wrapper wins and is told what it scales."""
+
+    class LoggingIA3Layer(IA3Layer):
+        calls: list[tuple[str, bool]] = []
+
+        def set_feedforward(self, name, feedforward):
+            LoggingIA3Layer.calls.append((name, feedforward))
+            super().set_feedforward(name, feedforward)
+
+    class Plugin:
+        @peftkit.hookimpl
+        def peftkit_layer_wrapper(self, method, layer, options):
+            return LoggingIA3Layer if method == "ia3" and isinstance(layer, nn.Linear) else None
+
+    register_plugin(Plugin())
+    tuned = peftkit.wrap(tiny_llama(), "ia3")
+    assert {type(layer) for layer in _layers(tuned).values()} == {LoggingIA3Layer}
+    assert LoggingIA3Layer.calls == [("default", False), ("default", False), ("default", True)] * 2
