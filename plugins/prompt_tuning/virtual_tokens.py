@@ -25,6 +25,13 @@ else here exists to keep that invisible to the code around the decoder:
 Hooking the decoder rather than the top-level model keeps the head's inputs
 (``input_ids`` for a classifier's last-token lookup, ``labels``) untouched.
 
+Compared with Hugging Face ``peft`` (same virtual tokens, same logits on the
+real positions): ``peft`` returns logits for the virtual positions too, scores
+the first real token from the last virtual position in its loss (peftkit does
+not: the base model never scores a first token either), and ignores
+``position_ids``, so its left-padded rows are shifted by their padding where
+peftkit's match the unpadded row.
+
 Limits: 2-D attention masks only (no custom 4-D masks, so no static/compiled
 caches, whose masks ``generate`` builds without the virtual tokens); a
 non-empty cache passed in is assumed to come from this adapter; ``attentions``
@@ -260,8 +267,12 @@ class VirtualTokenAdapter(nn.Module):
         self._name: str | None = adapter_name
         self._active = False
         self._inserter = VirtualTokenInserter(
-            model, prompt=self.prompt, num_virtual_tokens=prompt.num_virtual_tokens, is_active=lambda: self._active
+            model, prompt=self.prompt, num_virtual_tokens=prompt.num_virtual_tokens, is_active=self.is_active
         )
+
+    def is_active(self) -> bool:
+        # A bound method, not a lambda, so copy.deepcopy of the model rebinds it to the copy.
+        return self._active
 
     def adapter_names(self) -> list[str]:
         return [self._name] if self._name is not None else []

@@ -166,6 +166,30 @@ def test_generate_without_cache_and_without_mask(model):
     )
 
 
+def test_generate_from_embeds_in_chunks_and_with_beams():
+    ours = _ours("gpt2")
+    ids, mask = _padded([r[:5] for r in ROWS], "left")
+    expected = ours.generate(input_ids=ids, attention_mask=mask, **GREEDY)
+    embeds = ours.get_input_embeddings()(ids).detach()
+    assert torch.equal(ours.generate(inputs_embeds=embeds, attention_mask=mask, **GREEDY), expected[:, 5:])
+    assert torch.equal(ours.generate(input_ids=ids, attention_mask=mask, prefill_chunk_size=2, **GREEDY), expected)
+    beams = ours.generate(input_ids=ids, attention_mask=mask, num_beams=2, **GREEDY)
+    assert beams.shape == expected.shape and torch.equal(beams[:, :5], ids)
+
+
+def test_deepcopy_gives_an_independent_adapter():
+    import copy
+
+    ours = _ours("llama")
+    twin = copy.deepcopy(ours)
+    ids, mask = _padded(ROWS, "left")
+    expected = _logits(ours, ids, mask)
+    assert torch.equal(_logits(twin, ids, mask), expected)
+    with twin.disable_adapters():
+        assert torch.equal(_logits(ours, ids, mask), expected), "disabling the copy must not touch the original"
+        assert not torch.equal(_logits(twin, ids, mask), expected)
+
+
 @pytest.mark.parametrize("model", MODELS)
 def test_inputs_embeds_position_ids_and_hidden_states(model):
     ours = _ours(model)
