@@ -37,7 +37,7 @@ def resolve_init_token_ids(options: PromptTuningOptions, model: nn.Module) -> li
     """The ids ``init="text"`` starts from: ``init_token_ids``, else ``init_text`` tokenized.
 
     The tokenizer is ``options.tokenizer`` or, when unset, the one saved with the
-    model (``model.name_or_path``).
+    model (``model.config.name_or_path``, set by ``from_pretrained``).
 
     :raises AdapterError: when no tokenizer can be found or loaded.
     """
@@ -45,11 +45,12 @@ def resolve_init_token_ids(options: PromptTuningOptions, model: nn.Module) -> li
         return None
     if options.init_token_ids is not None:
         return list(options.init_token_ids)
-    source = options.tokenizer or getattr(model, "name_or_path", "") or ""
+    config = getattr(model, "config", None)
+    source = options.tokenizer or getattr(config, "name_or_path", "") or getattr(model, "name_or_path", "") or ""
     if not source:
         raise AdapterError(
             f"prompt_tuning: init_text = {options.init_text!r} needs a tokenizer, but option 'tokenizer' is unset and "
-            f"the model ({type(model).__name__}) has no name_or_path; pass tokenizer='<path or name>' or give "
+            f"the model ({type(model).__name__}) has no config.name_or_path; pass tokenizer='<path or name>' or give "
             "init_token_ids=token_ids_for_text(tokenizer, text)"
         )
     from transformers import AutoTokenizer

@@ -22,7 +22,7 @@ class PromptTuningOptions:
         init_token_ids: token ids for ``init="text"``: the serializable form, needs no tokenizer.
             Build it with :func:`peftkit_plugins.prompt_tuning.token_ids_for_text`.
         init_text: a text for ``init="text"``, tokenized at injection (without special tokens) with
-            ``tokenizer``, or with the tokenizer of ``model.name_or_path`` when ``tokenizer`` is unset.
+            ``tokenizer``, or with the tokenizer of ``model.config.name_or_path`` when ``tokenizer`` is unset.
             The resulting ids are recorded in ``init_token_ids``, so a saved adapter reloads without the
             tokenizer.
         tokenizer: a local path or hub name for ``AutoTokenizer.from_pretrained`` (only with ``init_text``).

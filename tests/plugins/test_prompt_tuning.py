@@ -342,6 +342,13 @@ def test_text_init_from_init_text_records_ids_and_reloads_without_tokenizer(tmp_
     assert torch.equal(_prompt(loaded), _prompt(tuned))
 
 
+def test_text_init_uses_the_models_own_tokenizer_by_default(tmp_path):
+    model = tiny_llama()
+    model.config._name_or_path = _tokenizer_dir(tmp_path / "model")  # as from_pretrained(path) records it
+    tuned = peftkit.wrap(model, "prompt_tuning", num_virtual_tokens=2, init="text", init_text="review the")
+    assert tuned.adapter_info("default").options.init_token_ids == [7, 6]
+
+
 def test_text_init_without_tokenizer_says_how_to_fix():
     with pytest.raises(AdapterError, match="needs a tokenizer.*init_token_ids"):
         peftkit.wrap(tiny_llama(), "prompt_tuning", init="text", init_text="hello")
