@@ -1,0 +1,287 @@
+"""Tests of the ``ppo`` objective: the math against hand-computed values, rollouts, the four roles on one base, every method as the policy, PPO-ptx."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import peftkit
+from peftkit.testing import tiny_llama
+from peftkit_plugins.ppo import (
+    KLController,
+    PPOLearner,
+    PPOOptions,
+    Roles,
+    attach_value_head,
+    entropy_from_logits,
+    gae,
+    generate_responses,
+    pack_episodes,
+    policy_loss,
+    ptx_loss,
+    setup_roles,
+    token_logprobs,
+    token_rewards,
+    value_loss,
+    whiten,
+)
+from peftkit_plugins.reward import attach_head, save_reward_model
+
+
+def close(actual: torch.Tensor, expected: list) -> None:
+    torch.testing.assert_close(actual, torch.tensor(expected, dtype=actual.dtype), atol=1e-5, rtol=0)
+
+
+# ====================================================================== math
+def test_gae_matches_a_hand_computed_example():
+    rewards = torch.tensor([[1.0, 0.0, 2.0], [3.0, 1.0, 0.0]])
+    values = torch.tensor([[0.5, 1.0, 1.5], [1.0, 2.0, 9.0]])  # 9.0 sits after row 2's end: never used
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    advantages, returns = gae(rewards, values, mask, gamma=0.9, lam=0.8)
+    # row 1: deltas 1.4, 0.35, 0.5; A2 = 0.5, A1 = 0.35 + 0.72 * 0.5, A0 = 1.4 + 0.72 * A1
+    # row 2: deltas 3 + 0.9 * 2 - 1 = 3.8, 1 + 0 - 2 = -1 (no bootstrap past the end)
+    close(advantages, [[1.9112, 0.71, 0.5], [3.08, -1.0, 0.0]])
+    close(returns, [[2.4112, 1.71, 2.0], [4.08, 1.0, 0.0]])
+
+
+def test_gae_with_gamma_and_lambda_one_is_reward_to_go_minus_value():
+    rewards = torch.tensor([[0.0, 0.0, 1.0]])
+    values = torch.tensor([[0.2, 0.4, 0.6]])
+    advantages, _ = gae(rewards, values, torch.ones(1, 3), gamma=1.0, lam=1.0)
+    close(advantages, [[0.8, 0.6, 0.4]])
+
+
+def test_whiten_uses_masked_positions_only():
+    x = torch.tensor([[1.0, 2.0, 100.0], [3.0, 4.0, -50.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0]])
+    out = whiten(x, mask)
+    std = math.sqrt(5.0 / 3.0)  # unbiased variance of 1, 2, 3, 4
+    close(out, [[-1.5 / std, -0.5 / std, 0.0], [0.5 / std, 1.5 / std, 0.0]])
+    kept = whiten(x, mask, shift_mean=False)
+    assert kept[0, 0].item() == pytest.approx(-1.5 / std + 2.5, abs=1e-5)
+
+
+def test_clipped_policy_loss_by_hand():
+    ratio = torch.tensor([[1.5, 0.5, 1.1]])
+    old = torch.zeros(1, 3)
+    advantages = torch.tensor([[1.0, 1.0, -1.0]])
+    out = policy_loss(torch.log(ratio), old, advantages, torch.ones(1, 3), clip_range=0.2)
+    # token 1: max(-1.5, -1.2) = -1.2 (clipped); token 2: max(-0.5, -0.8) = -0.5; token 3: 1.1 either way
+    assert out.loss.item() == pytest.approx((-1.2 - 0.5 + 1.1) / 3, abs=1e-6)
+    assert out.clip_fraction.item() == pytest.approx(1 / 3)
+    assert out.approx_kl.item() == pytest.approx(0.5 * float((torch.log(ratio) ** 2).mean()), abs=1e-6)
+
+
+def test_policy_loss_is_masked_and_its_gradient_vanishes_when_clipped():
+    logprobs = torch.log(torch.tensor([[1.5, 1.0]])).requires_grad_()
+    out = policy_loss(logprobs, torch.zeros(1, 2), torch.tensor([[1.0, 7.0]]), torch.tensor([[1, 0]]), clip_range=0.2)
+    assert out.loss.item() == pytest.approx(-1.2)
+    out.loss.backward()
+    assert logprobs.grad.tolist() == [[0.0, 0.0]]
+
+
+def test_clipped_value_loss_by_hand():
+    values, old, returns = torch.tensor([[1.0, 3.0]]), torch.tensor([[0.5, 0.5]]), torch.tensor([[2.0, 0.0]])
+    out = value_loss(values, old, returns, torch.ones(1, 2), clip_range=0.2)
+    # clipped values 0.7, 0.7: errors max(1, 1.69) and max(9, 0.49)
+    assert out.loss.item() == pytest.approx(0.5 * (1.69 + 9.0) / 2, abs=1e-6)
+    assert out.clip_fraction.item() == pytest.approx(0.5)
+
+
+def test_per_token_kl_penalty_and_score_at_the_last_token():
+    logprobs = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -1.0, -1.0]])
+    ref = torch.tensor([[-1.5, -2.0, -1.0], [-2.0, -1.0, -0.5]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    rewards, kl = token_rewards(torch.tensor([2.0, -1.0]), logprobs, ref, mask, beta=0.1)
+    close(kl, [[0.5, 0.0, 0.0], [1.0, 0.0, -0.5]])
+    close(rewards, [[-0.05, 2.0, 0.0], [-0.1, 0.0, 0.05 - 1.0]])
+
+
+def test_kl_controller_fixed_and_adaptive():
+    fixed = KLController(0.1)
+    assert fixed.update(50.0, 64) == 0.1
+    adaptive = KLController(0.1, target=6.0, horizon=100)
+    assert adaptive.update(12.0, 10) == pytest.approx(0.1 * (1 + 0.2 * 10 / 100))  # error clipped at +0.2
+    assert adaptive.update(5.4, 10) == pytest.approx(0.1 * 1.02 * (1 - 0.1 * 10 / 100))
+
+
+def test_token_logprobs_and_entropy():
+    logits = torch.randn(2, 3, 7, generator=torch.Generator().manual_seed(0))
+    tokens = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    expected = F.log_softmax(logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(token_logprobs(logits, tokens), expected, atol=1e-6)
+    probs = F.softmax(logits, -1)
+    assert torch.allclose(entropy_from_logits(logits), -(probs * probs.log()).sum(-1), atol=1e-5)
+    assert entropy_from_logits(torch.zeros(5)).item() == pytest.approx(math.log(5))
+
+
+def perturbed(tuned, scale: float = 0.3):
+    """LoRA starts as the identity (B = 0); give every adapter weight a random value so adapters differ."""
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+    return tuned
+
+
+# ================================================================== rollouts
+def test_pack_episodes_aligns_actions_with_the_model_logits():
+    torch.manual_seed(0)
+    tuned = perturbed(peftkit.wrap(tiny_llama(), "lora", r=4, target_modules=["q_proj", "v_proj"]))
+    tuned.add_adapter("reward", "lora", trainable=False, r=2, target_modules=["q_proj"])
+    attach_head(tuned, "reward")
+    attach_value_head(tuned)
+    roles = Roles(tuned, policy="default", reward="reward")
+    prompts = [[1, 5, 6, 7], [1, 9]]
+    responses = [([10, 11, 2], True), ([12, 13, 14, 15, 16], False)]
+    rollout = pack_episodes(prompts, responses, pad_id=0)
+    assert rollout.input_ids.tolist() == [[1, 5, 6, 7, 10, 11, 2], [1, 9, 12, 13, 14, 15, 16]]
+    assert rollout.response_mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+    with torch.no_grad():
+        logits, values = roles.policy_forward(rollout)
+        logprobs = token_logprobs(logits, rollout.response_tokens)
+        for b, (prompt, (response, _)) in enumerate(zip(prompts, responses)):
+            full = tuned(input_ids=torch.tensor([prompt + response])).logits[0]  # (T, V) the plain model
+            expected = F.log_softmax(full, -1)[len(prompt) - 1 : -1].gather(-1, torch.tensor(response).unsqueeze(-1)).squeeze(-1)
+            assert torch.allclose(logprobs[b, : len(response)], expected, atol=1e-5)
+    assert values.shape == (2, 5)
+
+
+def test_generation_stops_at_stop_tokens_and_flags_missing_eos():
+    torch.manual_seed(0)
+    model = tiny_llama()
+    results = generate_responses(model, [[1, 5, 6], [1, 7]] * 8, pad_id=0, stop_ids=[2, 40, 41, 42, 43, 44], max_new_tokens=6)
+    stops = {2, 40, 41, 42, 43, 44}
+    assert any(ended for _, ended in results) and any(not ended for _, ended in results)
+    for tokens, ended in results:
+        if ended:
+            assert tokens[-1] in stops and not stops & set(tokens[:-1])
+        else:
+            assert len(tokens) == 6 and not stops & set(tokens)
+
+
+# ============================================================== four roles
+def _reward_dir(tmp_path, method="lora", **options):
+    torch.manual_seed(1)
+    rm = perturbed(peftkit.wrap(tiny_llama(), method, **(options or {"r": 2, "target_modules": ["q_proj", "v_proj"]})))
+    head = attach_head(rm, seed=3)
+    with torch.no_grad():
+        head.weight.mul_(30)  # a reward that varies between responses
+    save_reward_model(rm, tmp_path / "rm", adapter_name="default")
+    return str(tmp_path / "rm")
+
+
+def _sft_dir(tmp_path):
+    torch.manual_seed(2)
+    sft = perturbed(peftkit.wrap(tiny_llama(), "lora", r=4, target_modules=["q_proj", "v_proj"]))
+    sft.save(tmp_path / "sft")
+    return str(tmp_path / "sft")
+
+
+PROMPTS = [[1, 5, 6, 7], [1, 9], [1, 10, 11], [1, 3, 4, 5, 6]]
+
+
+def test_one_base_four_roles_reference_is_the_sft_adapter(tmp_path):
+    base = tiny_llama()
+    base_ids = {id(p) for p in base.parameters()}
+    tuned = peftkit.wrap(base, "lora", r=4, target_modules=["q_proj", "v_proj"])
+    options = PPOOptions(reward_model=_reward_dir(tmp_path), sft_adapter=_sft_dir(tmp_path), max_new_tokens=6, minibatch_size=2)
+    roles = setup_roles(tuned, options)
+    assert tuned.adapters == {"default": "lora", "reference": "lora", "reward": "lora"}
+    assert tuned.active_adapter == "default" and roles.reference == "reference"
+    trainable = [n for n, _ in tuned.named_trainable_parameters()]
+    assert trainable and all(".default" in n or n.startswith("heads.value.") for n in trainable)
+    assert not any(".reference" in n or ".reward" in n or n.startswith("heads.reward") for n in trainable)
+    # The policy starts as the SFT adapter: the first rollout's KL is exactly 0. Against the bare base it is not.
+    learner = PPOLearner(roles, options, [torch.optim.AdamW(roles.trainable_parameters(), lr=1e-3)], pad_id=0, stop_ids=[2])
+    torch.manual_seed(0)
+    rollout = learner.rollout(PROMPTS)
+    assert rollout.stats["kl"].abs().max().item() == 0.0
+    bare = Roles(tuned, policy="default", reward="reward", reference=None)
+    with torch.no_grad():
+        ref_logits = bare.reference_logits(rollout)
+        assert (rollout.stats["logprobs"] - token_logprobs(ref_logits, rollout.response_tokens)).abs().max() > 1e-3
+    # Still one base: three adapters and two heads, and not one extra copy of a base weight.
+    assert {id(p) for n, p in tuned.base_model.named_parameters() if "lora_" not in n} == base_ids
+
+
+def test_sft_adapter_of_another_method_is_refused(tmp_path):
+    tuned = peftkit.wrap(tiny_llama(), "ia3")
+    options = PPOOptions(reward_model=_reward_dir(tmp_path), sft_adapter=_sft_dir(tmp_path))
+    with pytest.raises(peftkit.PeftkitError, match="set method.name: lora"):
+        setup_roles(tuned, options)
+
+
+POLICY_METHODS = {
+    "lora": {"r": 4, "target_modules": ["q_proj", "v_proj"]},
+    "qlora": {"r": 4, "target_modules": ["q_proj", "v_proj"]},
+    "ia3": {},
+    "adapter": {},
+    "prompt_tuning": {"num_virtual_tokens": 3},
+    "p_tuning": {"num_virtual_tokens": 3},
+    "prefix_tuning": {"num_virtual_tokens": 3},
+}
+
+
+@pytest.mark.parametrize(
+    "method", [m if m == "lora" else pytest.param(m, marks=pytest.mark.slow) for m in sorted(POLICY_METHODS)]
+)
+def test_every_method_runs_ppo_as_the_policy(tmp_path, method):
+    torch.manual_seed(0)
+    tuned = peftkit.wrap(tiny_llama(), method, **POLICY_METHODS[method])
+    options = PPOOptions(reward_model=_reward_dir(tmp_path), max_new_tokens=5, minibatch_size=2, ppo_epochs=2, kl_coef=0.1)
+    roles = setup_roles(tuned, options)
+    params = {n: p.detach().clone() for n, p in tuned.named_trainable_parameters()}
+    learner = PPOLearner(roles, options, [torch.optim.AdamW(roles.trainable_parameters(), lr=1e-2)], pad_id=0, stop_ids=[2])
+    for _ in range(2):
+        metrics = learner.step(PROMPTS)
+    expected = {"reward", "kl", "entropy", "policy_loss", "value_loss", "clip_fraction", "approx_kl", "response_length"}
+    assert expected <= set(metrics) and all(math.isfinite(v) for v in metrics.values())
+    changed = [n for n, p in tuned.named_trainable_parameters() if not torch.equal(p, params[n])]
+    assert any(not n.startswith("heads.") for n in changed), f"{method}: the policy adapter did not train"
+    assert tuned.adapters["reward"] == "lora" and tuned.active_adapter == "default"
+
+
+def test_prompt_side_reward_under_a_lora_policy(tmp_path):
+    torch.manual_seed(0)
+    tuned = peftkit.wrap(tiny_llama(), "lora", r=4, target_modules=["q_proj", "v_proj"])
+    options = PPOOptions(reward_model=_reward_dir(tmp_path, "prompt_tuning", num_virtual_tokens=4), max_new_tokens=4, minibatch_size=4, ppo_epochs=1)
+    roles = setup_roles(tuned, options)
+    assert tuned.adapters["reward"] == "prompt_tuning"
+    learner = PPOLearner(roles, options, [torch.optim.AdamW(roles.trainable_parameters(), lr=1e-2)], pad_id=0, stop_ids=[2])
+    rollout = learner.rollout(PROMPTS)
+    with torch.no_grad():  # the reward is the prompt-tuned model's own score, whatever else shares the base
+        rm = peftkit.TunedModel(tiny_llama())
+        from peftkit_plugins.reward import load_reward_model, sequence_scores
+
+        head = load_reward_model(rm, options.reward_model)
+        expected = sequence_scores(rm, head, rollout.input_ids, rollout.attention_mask)
+    assert torch.allclose(rollout.stats["scores"], expected, atol=1e-5)
+
+
+def test_ppo_ptx_adds_the_pretraining_term(tmp_path):
+    torch.manual_seed(0)
+    tuned = perturbed(peftkit.wrap(tiny_llama(), "lora", r=4, target_modules=["q_proj", "v_proj"]))
+    options = PPOOptions(reward_model=_reward_dir(tmp_path), max_new_tokens=4, minibatch_size=4, ppo_epochs=1, ptx_coef=0.5, ptx_data="x.txt")
+    roles = setup_roles(tuned, options)
+    batch = {"input_ids": torch.tensor([[1, 20, 21, 22, 23], [1, 30, 31, 0, 0]]), "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])}
+    with torch.no_grad():
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        expected = tuned(**batch, labels=labels).loss  # the model's own causal-LM loss, same adapter
+        assert ptx_loss(roles, batch).item() == pytest.approx(expected.item(), abs=1e-5)
+    learner = PPOLearner(roles, options, [torch.optim.AdamW(roles.trainable_parameters(), lr=1e-2)], pad_id=0, stop_ids=[2])
+    metrics = learner.step(PROMPTS, iter([batch] * 10))
+    assert metrics["ptx_loss"] > 0
+
+
+def test_options_report_every_problem():
+    from peftkit.options import build_options
+
+    with pytest.raises(peftkit.OptionsError) as info:
+        build_options(PPOOptions, {"ptx_coef": 1.0, "clip_range": 0, "minibatch_size": 0}, owner="objective 'ppo'")
+    text = str(info.value)
+    assert "reward_model" in text and "ptx_data" in text and "clip_range" in text and "minibatch_size" in text
