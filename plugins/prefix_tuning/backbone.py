@@ -1,0 +1,121 @@
+"""What prefix tuning needs from the base model: its decoder backbone, and the keys/values it caches.
+
+The prefixes' shape is read from the mechanism that uses them: the base
+model runs on a few tokens with a ``DynamicCache`` and every cache layer says
+how many key/value heads and which head size it stores. So grouped-query
+attention (``num_key_value_heads < num_attention_heads``), explicit
+``head_dim`` values or odd config names need no per-architecture code.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from peftkit.errors import AdapterError
+
+__all__ = ["KVGeometry", "find_backbone", "attention_modules", "cached_keys_values"]
+
+
+@dataclass(frozen=True)
+class KVGeometry:
+    """The shape of what each attention layer caches: ``L`` layers of ``(H_kv, ·, D)`` keys and values."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+    @property
+    def width(self) -> int:
+        """Key (or value) width per token and layer, ``H_kv * D``."""
+        return self.num_kv_heads * self.head_dim
+
+
+def find_backbone(model: nn.Module) -> nn.Module:
+    """The decoder stack of a transformers model: the module that consumes ``past_key_values``.
+
+    ``LlamaForCausalLM`` -> ``.model``, ``GPT2LMHeadModel`` -> ``.transformer``
+    (transformers' ``base_model`` property); a bare decoder is its own backbone.
+
+    :raises AdapterError: for encoder-decoder models and modules without a KV cache.
+    """
+    config = getattr(model, "config", None)
+    if config is None:
+        raise AdapterError(
+            f"prefix_tuning needs a transformers model (with a .config), got {type(model).__name__}; "
+            "wrap a model loaded with AutoModelForCausalLM or similar"
+        )
+    if getattr(config, "is_encoder_decoder", False):
+        raise AdapterError(
+            f"prefix_tuning supports decoder-only models; {type(model).__name__} is an encoder-decoder model"
+        )
+    backbone = getattr(model, "base_model", model)
+    if not isinstance(backbone, nn.Module):
+        backbone = model
+    if "past_key_values" not in inspect.signature(backbone.forward).parameters:
+        raise AdapterError(
+            f"prefix_tuning needs a decoder whose forward takes past_key_values; "
+            f"{type(backbone).__name__}.forward does not"
+        )
+    return backbone
+
+
+def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of every self-attention module (an ``*Attention`` class with an integer ``layer_idx``)."""
+    found = []
+    for name, module in model.named_modules():
+        if type(module).__name__.endswith("Attention") and isinstance(getattr(module, "layer_idx", None), int):
+            found.append((name, module))
+    return found
+
+
+def cached_keys_values(backbone: nn.Module, token_ids: torch.Tensor) -> tuple[torch.Tensor, KVGeometry]:
+    """Run ``backbone`` on ``token_ids`` and return the keys/values every layer caches for them.
+
+    The backbone runs in eval mode (no dropout) and without gradients, at
+    positions ``0 .. P-1``: exactly what a prefix of ``P`` real tokens would
+    leave in the cache (keys after RoPE where the model uses it).
+
+    :param token_ids: ``(P,)`` token ids.
+    :returns: ``(L, 2, H_kv, P, D)`` keys (index 0) and values (index 1), and their geometry.
+    :raises AdapterError: if the layers cache different shapes (not supported).
+    """
+    from transformers import DynamicCache
+
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        with torch.no_grad():
+            cache = DynamicCache(config=backbone.config)
+            backbone(input_ids=token_ids.unsqueeze(0), past_key_values=cache, use_cache=True)
+    finally:
+        backbone.train(was_training)
+    per_layer = []
+    for layer_idx in range(len(cache)):
+        stored_k, stored_v = _stored(cache, layer_idx)
+        per_layer.append(torch.stack([stored_k[0], stored_v[0]]))  # (2, H_kv, P, D)
+    shapes = {tuple(t.shape) for t in per_layer}
+    if len(shapes) != 1 or not per_layer:
+        raise AdapterError(
+            f"prefix_tuning needs every attention layer of {type(backbone).__name__} to cache keys/values of one shape; "
+            f"got per-layer shapes {sorted(shapes)}"
+        )
+    prefix = torch.stack(per_layer)  # (L, 2, H_kv, P, D)
+    if prefix.shape[3] != token_ids.shape[0]:
+        raise AdapterError(
+            f"{type(backbone).__name__} cached {prefix.shape[3]} of {token_ids.shape[0]} prefix tokens "
+            "(a sliding-window or shared-KV layer?); prefix_tuning does not support this model"
+        )
+    geometry = KVGeometry(num_layers=prefix.shape[0], num_kv_heads=prefix.shape[2], head_dim=prefix.shape[4])
+    return prefix, geometry
+
+
+def _stored(cache, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(1, H_kv, P, D)`` keys and values cache layer ``layer_idx`` holds."""
+    if cache.get_seq_length(layer_idx) == 0:
+        raise AdapterError(f"attention layer {layer_idx} cached no keys/values; prefix_tuning does not support this model")
+    keys, values = cache.layers[layer_idx].keys, cache.layers[layer_idx].values
+    return keys, values
