@@ -42,7 +42,7 @@ from peftkit.recipe import Recipe
 from peftkit.registry import ObjectiveLoss
 from peftkit.serialization import atomic_directory
 
-__all__ = ["Trainer", "TrainResult", "TrainingError", "train"]
+__all__ = ["Trainer", "TrainResult", "TrainingError", "train", "enable_gradient_checkpointing"]
 
 ADAPTER_DIR = "adapter"
 CHECKPOINT_DIR = "checkpoint"
@@ -102,6 +102,27 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def enable_gradient_checkpointing(tuned: nn.Module) -> None:
+    """Turn on activation checkpointing in the transformers model inside ``tuned`` (any method).
+
+    :raises TrainingError: if the model does not support it.
+    """
+    hf_model = tuned.base_model if hasattr(tuned, "adapters") else tuned
+    if not getattr(hf_model, "supports_gradient_checkpointing", False):
+        raise TrainingError(
+            f"train.gradient_checkpointing: {type(hf_model).__name__} does not support activation checkpointing; "
+            "set it to false"
+        )
+    # Non-reentrant checkpointing back-propagates into adapters inside the
+    # checkpointed layers even when the layer inputs need no grad; input grads
+    # are enabled too, for input-side methods whose tensors join at the embeddings.
+    hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with contextlib.suppress(NotImplementedError, AttributeError):
+        hf_model.enable_input_require_grads()
+    if getattr(hf_model.config, "use_cache", None):
+        hf_model.config.use_cache = False
 
 
 class Trainer:
@@ -176,7 +197,7 @@ class Trainer:
             self.tuned = peftkit.wrap(model, recipe.method.name, **options_to_dict(recipe.method_options))
         self.tuned.train()
         if train_cfg.gradient_checkpointing:
-            self._enable_gradient_checkpointing()
+            enable_gradient_checkpointing(self.tuned)
 
         # ---- data
         self.train_examples, self.eval_examples = self._prepare_data()
@@ -207,23 +228,6 @@ class Trainer:
         self.eval_loss_before: float | None = None
         if self.resume:
             self._load_checkpoint(checkpoint)
-
-    def _enable_gradient_checkpointing(self) -> None:
-        hf_model = self.tuned.base_model
-        if not getattr(hf_model, "supports_gradient_checkpointing", False):
-            raise TrainingError(
-                f"train.gradient_checkpointing: {type(hf_model).__name__} does not support activation checkpointing; "
-                "set it to false"
-            )
-        # Non-reentrant checkpointing back-propagates into adapters inside the
-        # checkpointed layers even when the layer inputs need no grad; input
-        # grads are enabled as well for input-side methods whose trainable
-        # tensors join at the embeddings.
-        hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        with contextlib.suppress(NotImplementedError, AttributeError):
-            hf_model.enable_input_require_grads()
-        if getattr(hf_model.config, "use_cache", None):
-            hf_model.config.use_cache = False
 
     def _prepare_data(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         data = self.recipe.data

@@ -1,0 +1,297 @@
+"""The training loop on tiny models: outputs, resume bit-identity, NaN stop, activation checkpointing, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import peftkit
+from peftkit.recipe import recipe_from_dict
+from peftkit.testing import tiny_llama, tiny_tokenizer
+from peftkit.trainer import Trainer, TrainingError, enable_gradient_checkpointing
+
+
+def _write_data(folder: Path, n: int = 48) -> str:
+    import random
+
+    rng = random.Random(0)
+    path = folder / "data.jsonl"
+    with open(path, "w") as fh:
+        for _ in range(n):
+            a, b = rng.randint(0, 4), rng.randint(0, 4)
+            fh.write(json.dumps({"prompt": f"what is {a} plus {b}?", "response": f"{a + b}"}) + "\n")
+    return str(path)
+
+
+def _recipe(tmp_path: Path, out: str = "out", **train):
+    train = {"max_steps": 6, "batch_size": 4, "lr": 1e-2, "scheduler": "linear", "warmup_steps": 1, **train}
+    return recipe_from_dict(
+        {
+            "method": {"name": "lora", "options": {"r": 4, "dropout": 0.1}},  # dropout: the RNG state matters on resume
+            "data": {"train": _write_data(tmp_path), "eval_size": 8, "max_length": 32},
+            "train": train,
+            "output": {"dir": str(tmp_path / out), "save_every": 2, "log_every": 1, "eval_every": 3},
+        }
+    )
+
+
+def _train(recipe, **kwargs):
+    return Trainer(recipe, model=tiny_llama(), tokenizer=tiny_tokenizer(), progress=False, **kwargs).train()
+
+
+def _tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(adapter_dir / "adapter.safetensors"))
+
+
+def test_training_lowers_the_held_out_loss_and_writes_every_output(tmp_path):
+    result = _train(_recipe(tmp_path, max_steps=12))
+    assert result.steps == 12
+    assert result.eval_loss_after < result.eval_loss_before
+    out = tmp_path / "out"
+    for name in ("metrics.jsonl", "loss_curve.png", "recipe.yaml", "checkpoint/trainer_state.pt", "adapter/adapter_config.json"):
+        assert (out / name).exists(), name
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 13))
+    assert [r["step"] for r in records if "eval_loss" in r] == [0, 3, 6, 9, 12]
+    assert all(r["tokens_per_s"] > 0 for r in records if "loss" in r)
+    # the final adapter loads back in one line and has the checkpoint's weights
+    loaded = peftkit.load(tiny_llama(), out / "adapter")
+    assert loaded.active_adapter == "default"
+    final, ckpt = _tensors(out / "adapter"), _tensors(out / "checkpoint" / "adapter")
+    assert all(torch.equal(final[k], ckpt[k]) for k in final)
+
+
+class _StopAt:
+    """A plugin that interrupts training when a given step is logged (after that step's update)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    @peftkit.hookimpl
+    def peftkit_on_log(self, step, metrics):
+        if step == self.step and "loss" in metrics:
+            raise KeyboardInterrupt(f"interrupted at step {step}")
+
+
+def test_an_interrupted_and_resumed_run_ends_bit_identical(tmp_path, register_plugin):
+    reference = _train(_recipe(tmp_path, out="ref"))
+    recipe = _recipe(tmp_path, out="run")
+    name = register_plugin(_StopAt(5))
+    with pytest.raises(KeyboardInterrupt):
+        _train(recipe)
+    peftkit.plugin_manager().unregister(name=name)
+    state = torch.load(tmp_path / "run" / "checkpoint" / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 4  # step 5 ran but was never checkpointed
+    resumed = _train(recipe, resume=True)
+    assert resumed.steps == 6
+    ref, got = _tensors(reference.adapter_dir), _tensors(resumed.adapter_dir)
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+    # the replayed step 5 is logged once
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_without_a_checkpoint_says_what_to_do(tmp_path):
+    with pytest.raises(TrainingError, match="run without --resume"):
+        _train(_recipe(tmp_path), resume=True)
+
+
+class _NanObjective:
+    """The sft objective, except that the n-th training loss is NaN."""
+
+    name = "nan_sft"
+    description = "sft with a NaN loss at a given training call (test only)"
+
+    def __init__(self, nan_at: int):
+        self.sft = peftkit.plugin_manager().get_objective("sft")
+        self.options = self.sft.options
+        self.prepare_data, self.collate = self.sft.prepare_data, self.sft.collate
+        self.calls, self.nan_at = 0, nan_at
+
+    def loss(self, model, batch, options):
+        out = self.sft.loss(model, batch, options)
+        if torch.is_grad_enabled():
+            self.calls += 1
+            if self.calls == self.nan_at:
+                return out._replace(loss=out.loss * float("nan"))
+        return out
+
+
+def test_a_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_path, register_plugin):
+    objective = _NanObjective(nan_at=5)
+
+    class Plugin:
+        @peftkit.hookimpl
+        def peftkit_register_objectives(self, register):
+            register(objective)
+
+    register_plugin(Plugin())
+    recipe = _recipe(tmp_path)
+    recipe.objective.name = "nan_sft"
+    with pytest.raises(TrainingError, match=r"loss became nan at step 5.*last good checkpoint .* is intact"):
+        _train(recipe)
+    state = torch.load(tmp_path / "out" / "checkpoint" / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 4
+    assert not (tmp_path / "out" / "adapter").exists()
+
+
+def test_an_objective_with_its_own_loop_is_handed_the_trainer(tmp_path, register_plugin):
+    seen = {}
+
+    class LoopObjective:
+        name = "own_loop"
+        description = "test objective that runs its own loop"
+        options = peftkit.plugin_manager().get_objective("sft").options
+        sft = peftkit.plugin_manager().get_objective("sft")
+        prepare_data, collate, loss = sft.prepare_data, sft.collate, sft.loss
+
+        def run(self, trainer, options):
+            seen["examples"] = len(trainer.train_examples)
+            seen["has_optimizer"] = trainer.optimizer is not None
+            return "done"
+
+    class Plugin:
+        @peftkit.hookimpl
+        def peftkit_register_objectives(self, register):
+            register(LoopObjective())
+
+    register_plugin(Plugin())
+    recipe = _recipe(tmp_path)
+    recipe.objective.name = "own_loop"
+    assert _train(recipe) == "done"
+    assert seen == {"examples": 40, "has_optimizer": True}
+
+
+@pytest.mark.parametrize(
+    "method, options",
+    [("lora", {"r": 4, "init": "gaussian"}), ("prompt_tuning", {"num_virtual_tokens": 3}), ("ia3", {})],
+)
+def test_gradient_checkpointing_gives_the_same_gradients(method, options):
+    if method not in peftkit.available_methods():
+        pytest.skip(f"{method} is not installed")
+    sft = peftkit.plugin_manager().get_objective("sft")
+    from peftkit.options import build_options
+
+    opts = build_options(sft.options, {"loss_chunk_size": 4})
+    tok = tiny_tokenizer()
+    batch = sft.collate(
+        sft.prepare_data([{"prompt": "hello", "response": "hi, how are you?"}, {"prompt": "what is 2 plus 2?", "response": "4"}], tok, opts, 32),
+        tok,
+    )
+    grads = []
+    for checkpointing in (False, True):
+        tuned = peftkit.wrap(tiny_llama(), method, **options)
+        tuned.train()
+        if checkpointing:
+            enable_gradient_checkpointing(tuned)
+            assert tuned.base_model.is_gradient_checkpointing
+        loss = sft.loss(tuned, batch, opts).loss
+        grads.append(torch.autograd.grad(loss, tuned.trainable_parameters()))
+    assert any(g.abs().sum() > 0 for g in grads[1])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+# ------------------------------------------------------------------ processes
+_RUN_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    torch.set_num_threads(1)
+    import peftkit
+    from peftkit.recipe import load_recipe
+    from peftkit.trainer import Trainer
+
+    class Crash:
+        @peftkit.hookimpl
+        def peftkit_on_log(self, step, metrics):
+            if step == int(sys.argv[3]) and "loss" in metrics:
+                import os; os._exit(9)  # a hard kill: no cleanup, no exception handling
+
+    if int(sys.argv[3]):
+        peftkit.plugin_manager().register(Crash())
+    Trainer(load_recipe(sys.argv[1], [f"output.dir={sys.argv[2]}"]), resume=sys.argv[4] == "1", progress=False).train()
+    """
+)
+
+
+def _tiny_model_recipe(tmp_path: Path) -> Path:
+    model_dir = tmp_path / "tiny-model"
+    tiny_llama().save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    recipe = {
+        "model": {"name_or_path": str(model_dir)},
+        "method": {"name": "lora", "options": {"r": 4, "dropout": 0.1}},
+        "data": {"train": _write_data(tmp_path, n=72), "eval_size": 8, "max_length": 32},
+        "train": {"max_steps": 8, "batch_size": 4, "lr": 1e-2},
+        "output": {"save_every": 2, "log_every": 1},
+    }
+    import yaml
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PEFTKIT_DISABLE_PLUGIN_AUTOLOAD": "1", "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.mark.slow
+def test_a_killed_process_resumes_bit_identical(tmp_path):
+    recipe = _tiny_model_recipe(tmp_path)
+    script = tmp_path / "run.py"
+    script.write_text(_RUN_SCRIPT)
+
+    def run(out, crash_at, resume):
+        return subprocess.run([sys.executable, str(script), str(recipe), str(tmp_path / out), str(crash_at), resume], env=_env(), capture_output=True, text=True)
+
+    assert run("ref", 0, "0").returncode == 0
+    killed = run("run", 7, "0")
+    assert killed.returncode == 9, killed.stderr[-2000:]
+    done = run("run", 0, "1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    ref, got = _tensors(tmp_path / "ref" / "adapter"), _tensors(tmp_path / "run" / "adapter")
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_end_with_identical_adapters_and_a_falling_loss(tmp_path):
+    recipe = _tiny_model_recipe(tmp_path)
+    script = tmp_path / "ddp.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import sys, torch
+            torch.set_num_threads(1)
+            from accelerate import PartialState
+            from peftkit.recipe import load_recipe
+            from peftkit.trainer import Trainer
+            rank = PartialState().process_index
+            t = Trainer(load_recipe(sys.argv[1], [f"output.dir={sys.argv[2]}"]), progress=False)
+            result = t.train()
+            t.tuned.save(f"{sys.argv[2]}/rank{rank}")
+            print("WORLD", t.accelerator.num_processes, "BEFORE", result.eval_loss_before, "AFTER", result.eval_loss_after)
+            """
+        )
+    )
+    out = tmp_path / "ddp"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(recipe), str(out)],
+        env=_env(), capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "WORLD 2" in proc.stdout
+    a, b = _tensors(out / "rank0"), _tensors(out / "rank1")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    losses = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r["eval_loss"] for r in losses if "eval_loss" in r]
+    assert evals[-1] < evals[0]
