@@ -20,7 +20,8 @@ input, which is why training starts near the base model's loss, and why an
 adapter exported to peft's format behaves the same there.
 
 Mechanism, and why: the prefixes enter through the KV cache, prefilled at a
-forward pre-hook on the decoder backbone (``kv_cache.py``). The alternatives
+forward pre-hook on the decoder backbone (``kv_cache.py``; a forward hook
+takes back a cache the caller did not ask for with ``use_cache=False``). The alternatives
 were rejected because they depend on internals that change every release:
 
 * extending keys/values inside each attention module (wrapping ``k_proj``, a

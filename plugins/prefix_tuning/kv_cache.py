@@ -7,7 +7,8 @@ the model has already processed:
 * ``past_key_values``: a ``DynamicCache`` whose first ``P`` entries in every
   layer are the prefix keys/values (a new cache when none is given; an empty
   one, as ``generate()`` passes on its first step, is filled in place; one
-  filled earlier is used as is);
+  filled earlier is used as is; a cache made for a ``use_cache=False`` call is
+  removed from the output by :func:`drop_unrequested_cache`);
 * ``attention_mask`` (2-D, for the caller's tokens): ``P`` ones prepended, so
   every query, padded rows included, may attend to the prefix;
 * ``position_ids`` (when given): shifted by ``P``; when absent the model
@@ -28,11 +29,14 @@ import torch
 
 from peftkit.errors import AdapterError
 
-__all__ = ["add_prefix_to_inputs", "prefix_owner"]
+__all__ = ["add_prefix_to_inputs", "drop_unrequested_cache", "prefix_owner"]
 
 # Caches we filled, and with whose prefix: a cache is re-used across generate() steps
 # (and by users continuing from a returned cache) and must not get the prefix twice.
 _FILLED: "weakref.WeakKeyDictionary[Any, tuple[tuple[str, int], int]]" = weakref.WeakKeyDictionary()
+# Caches made only to carry the prefix through a call with use_cache=False: the caller
+# must not get them back (generate() would feed them into its next full-length step).
+_UNREQUESTED: "weakref.WeakSet[Any]" = weakref.WeakSet()
 
 
 def prefix_owner(cache: Any) -> tuple[tuple[str, int], int] | None:
@@ -83,6 +87,9 @@ def add_prefix_to_inputs(
     if cache is None:
         cache = DynamicCache(config=config)
         arguments["past_key_values"] = cache
+        use_cache = arguments.get("use_cache")
+        if not (use_cache if use_cache is not None else getattr(config, "use_cache", True)):
+            _UNREQUESTED.add(cache)
     filled_by = prefix_owner(cache)
     if filled_by is not None:
         if filled_by != (owner, P):
@@ -129,3 +136,12 @@ def add_prefix_to_inputs(
     position_ids = arguments.get("position_ids")
     if position_ids is not None:
         arguments["position_ids"] = position_ids + P
+
+
+def drop_unrequested_cache(output: Any) -> Any:
+    """``output`` without ``past_key_values`` if that cache was only made to carry the prefix (``use_cache=False``)."""
+    cache = getattr(output, "past_key_values", None)
+    if cache is None or cache not in _UNREQUESTED:
+        return output
+    # ModelOutput forbids deleting keys and keeps None-valued ones out of its tuple form: rebuild it.
+    return type(output)(**{key: value for key, value in output.items() if key != "past_key_values"})

@@ -1,8 +1,8 @@
 """``PrefixTuningLayer``: the prefixes of one adapter, and the hook that hands them to the decoder.
 
 It is attached to the tuned model (``context.attach``), not wrapped around a
-layer: it owns the trainable tensors and one forward pre-hook on the decoder
-backbone, which is removed in :meth:`PrefixTuningLayer.delete_adapter`.
+layer: it owns the trainable tensors and two hooks on the decoder backbone (one
+before its forward, one after), removed in :meth:`PrefixTuningLayer.delete_adapter`.
 
 Two parameterizations (Li & Liang, 2021, https://arxiv.org/abs/2101.00190)::
 
@@ -24,7 +24,7 @@ from torch import nn
 
 from peftkit.errors import AdapterError, MergeNotSupportedError
 from peftkit_plugins.prefix_tuning.backbone import KVGeometry
-from peftkit_plugins.prefix_tuning.kv_cache import add_prefix_to_inputs, prefix_owner
+from peftkit_plugins.prefix_tuning.kv_cache import add_prefix_to_inputs, drop_unrequested_cache, prefix_owner
 from peftkit_plugins.prefix_tuning.options import PrefixTuningOptions
 
 __all__ = ["PrefixTuningLayer", "MERGE_REFUSAL"]
@@ -41,7 +41,7 @@ _MLP_KEYS = ("embedding", "transform.0.weight", "transform.0.bias", "transform.2
 class PrefixTuningLayer(nn.Module):
     """The key/value prefixes of one adapter for every attention layer of ``backbone``.
 
-    :param backbone: the decoder stack (it receives the forward pre-hook).
+    :param backbone: the decoder stack (it receives a forward pre-hook and a forward hook).
     :param adapter_name: the adapter's name.
     :param options: validated options.
     :param geometry: what each layer caches (from :func:`~.backbone.cached_keys_values`).
@@ -90,6 +90,7 @@ class PrefixTuningLayer(nn.Module):
         self._signature = inspect.signature(backbone.forward)
         self._config = backbone.config
         self._hook = backbone.register_forward_pre_hook(self._before_backbone_forward, with_kwargs=True)
+        self._output_hook = backbone.register_forward_hook(self._after_backbone_forward)
 
     def _fit_output(self, target_prefix: torch.Tensor) -> None:
         """Set ``W2, b2`` so the MLP's output is ``target_prefix`` while ``E, W1, b1`` keep their random init.
@@ -150,6 +151,9 @@ class PrefixTuningLayer(nn.Module):
             dtype=self._compute_dtype(module, arguments),
         )
         return (), {**arguments, **extra}
+
+    def _after_backbone_forward(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        return drop_unrequested_cache(output) if self._active else None
 
     @staticmethod
     def _compute_dtype(module: nn.Module, arguments: dict[str, Any]) -> torch.dtype:
@@ -233,7 +237,8 @@ class PrefixTuningLayer(nn.Module):
     def delete_adapter(self, name: str) -> None:
         self._check(name)
         self._hook.remove()
-        self._hook = None
+        self._output_hook.remove()
+        self._hook = self._output_hook = None
         self._active = False
 
     def merge(self, name: str) -> None:

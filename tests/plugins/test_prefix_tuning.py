@@ -174,6 +174,33 @@ def test_incremental_decoding_with_returned_cache_matches_full_forward(model):
     assert (got - full)[mask.bool()].abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("model", MODELS)
+def test_generation_modes_agree(model):
+    """Without a cache, with chunked prefill, from inputs_embeds, with beams: the same tokens as plain cached greedy."""
+    torch.manual_seed(0)
+    tuned = peftkit.wrap(MODELS[model](), "prefix_tuning", num_virtual_tokens=P, init="random")
+    ids, mask = _padded_batch("left")
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    cached = tuned.generate(input_ids=ids, **kwargs)
+    assert torch.equal(tuned.generate(input_ids=ids, use_cache=False, **kwargs), cached)
+    assert torch.equal(tuned.generate(input_ids=ids, prefill_chunk_size=3, **kwargs), cached)
+    embeds = tuned.get_input_embeddings()(ids)
+    assert torch.equal(tuned.generate(inputs_embeds=embeds, **kwargs), cached[:, ids.shape[1]:])
+    beams = tuned.generate(input_ids=ids, num_beams=2, **kwargs)
+    assert torch.equal(tuned.generate(input_ids=ids, num_beams=2, use_cache=False, **kwargs), beams)
+
+
+def test_use_cache_false_returns_no_cache_and_eager_equals_sdpa():
+    tuned = peftkit.wrap(tiny_llama(), "prefix_tuning", num_virtual_tokens=P, init="random")
+    ids, mask = _padded_batch("left")
+    with torch.no_grad():
+        out = tuned(input_ids=ids, attention_mask=mask, use_cache=False)
+        assert out.past_key_values is None
+        tuned.base_model.set_attn_implementation("eager")
+        eager = tuned(input_ids=ids, attention_mask=mask).logits
+    assert (eager - out.logits)[mask.bool()].abs().max() < 1e-5
+
+
 # --------------------------------------------------------------------------- init
 _BOS = 1
 
@@ -327,7 +354,7 @@ def test_two_adapters_switch_and_delete_remove_their_hooks():
     hooks = _hook_count(model)
     tuned = peftkit.wrap(model, "prefix_tuning", adapter_name="a", num_virtual_tokens=P, init="random")
     tuned.add_adapter("b", "prefix_tuning", num_virtual_tokens=2, init="random")
-    assert _hook_count(model) == hooks + 2
+    assert _hook_count(model) == hooks + 4
 
     def logits():
         with torch.no_grad():
@@ -338,7 +365,7 @@ def test_two_adapters_switch_and_delete_remove_their_hooks():
     out_b = logits()
     assert not torch.equal(out_a, out_b) and not torch.equal(out_a, base)
     tuned.delete_adapter("a")
-    assert _hook_count(model) == hooks + 1
+    assert _hook_count(model) == hooks + 2
     assert torch.equal(logits(), out_b)
     tuned.delete_adapter("b")
     assert _hook_count(model) == hooks
@@ -374,7 +401,7 @@ def test_unsupported_inputs_raise_clear_errors():
         tuned(input_ids=ids, attention_mask=torch.ones(2, 8 + P, dtype=torch.long))
     with pytest.raises(AdapterError, match="DynamicCache"):
         tuned(input_ids=ids, past_key_values=StaticCache(config=model.config, max_cache_len=32))
-    model.gradient_checkpointing_enable()
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     tuned.train()
     with pytest.raises(AdapterError, match="gradient checkpointing"):
         tuned(input_ids=ids)
