@@ -194,7 +194,7 @@ class PPOObjective:
         (adapter_dir / "base_model.txt").write_text(trainer.recipe.model.name_or_path + "\n")
         return TrainResult(
             output_dir=trainer.output_dir, adapter_dir=adapter_dir, steps=trainer.step, eval_loss_before=None,
-            eval_loss_after=held_out.get("eval_reward") if held_out else None, train_loss=last.get("policy_loss"),
+            eval_loss_after=None, train_loss=last.get("policy_loss"),
             seconds=seconds, tokens_per_second=0.0,
         )
 

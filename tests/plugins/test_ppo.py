@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,6 +31,18 @@ from peftkit_plugins.ppo import (
     whiten,
 )
 from peftkit_plugins.reward import attach_head, save_reward_model
+
+
+def char_tokenizer():
+    """A character-level tokenizer for the 128-token tiny models: pad 0, bos 1, eos 2, printable ASCII 3..97."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{chr(c): c - 29 for c in range(32, 127)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
 def close(actual: torch.Tensor, expected: list) -> None:
@@ -285,3 +299,66 @@ def test_options_report_every_problem():
         build_options(PPOOptions, {"ptx_coef": 1.0, "clip_range": 0, "minibatch_size": 0}, owner="objective 'ppo'")
     text = str(info.value)
     assert "reward_model" in text and "ptx_data" in text and "clip_range" in text and "minibatch_size" in text
+
+
+# ============================================================ the trainer
+DATA = Path(__file__).resolve().parents[2] / "data" / "rlhf"
+
+
+class _StopAt:
+    """Interrupts a run when a given step is logged (after that step's update, before any checkpoint of it)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    @peftkit.hookimpl
+    def peftkit_on_log(self, step, metrics):
+        if step == self.step and "policy_loss" in metrics:
+            raise KeyboardInterrupt(f"interrupted at step {step}")
+
+
+def _ppo_recipe(tmp_path, reward_dir, out, method="lora", method_options=None):
+    from peftkit.recipe import recipe_from_dict
+
+    return recipe_from_dict({
+        "method": {"name": method, "options": method_options or {"r": 4, "target_modules": ["q_proj", "v_proj"], "dropout": 0.1}},
+        "objective": {"name": "ppo", "options": {
+            "reward_model": reward_dir, "max_new_tokens": 5, "minibatch_size": 2, "ppo_epochs": 2, "target_kl": 1.0,
+            "ptx_coef": 0.5, "ptx_data": str(DATA / "pretrain.txt"), "ptx_max_length": 24, "ptx_batch_size": 2}},
+        "data": {"train": str(DATA / "prompts.jsonl"), "eval": str(DATA / "prompts_eval.jsonl"), "max_length": 48, "max_train_samples": 16},
+        "train": {"max_steps": 4, "batch_size": 4, "lr": 1e-2, "warmup_steps": 1, "eval_batch_size": 64},
+        "output": {"dir": str(tmp_path / out), "log_every": 1, "save_every": 2, "plot": False},
+    })
+
+
+def _run(recipe, **kwargs):
+    from peftkit.trainer import Trainer
+
+    return Trainer(recipe, model=tiny_llama(), tokenizer=char_tokenizer(), progress=False, **kwargs).train()
+
+
+@pytest.mark.slow
+def test_trainer_runs_ppo_ptx_and_a_resumed_run_ends_bit_identical(tmp_path, register_plugin):
+    from safetensors.torch import load_file
+
+    reward_dir = _reward_dir(tmp_path)
+    reference = _run(_ppo_recipe(tmp_path, reward_dir, "ref"))
+    records = [json.loads(line) for line in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "policy_loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4] and all("ptx_loss" in r and "kl" in r for r in steps)
+    assert "eval_reward" in records[-1]
+    assert peftkit.load(tiny_llama(), reference.adapter_dir).adapters == {"default": "lora"}
+
+    recipe = _ppo_recipe(tmp_path, reward_dir, "run")
+    name = register_plugin(_StopAt(3))
+    with pytest.raises(KeyboardInterrupt):
+        _run(recipe)
+    peftkit.plugin_manager().unregister(name=name)
+    assert torch.load(tmp_path / "run" / "checkpoint" / "trainer_state.pt", weights_only=False)["step"] == 2
+    resumed = _run(recipe, resume=True)
+    ref, got = load_file(str(reference.adapter_dir / "adapter.safetensors")), load_file(str(resumed.adapter_dir / "adapter.safetensors"))
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+    ref_state = torch.load(tmp_path / "ref" / "checkpoint" / "ppo_state.pt", weights_only=False)
+    got_state = torch.load(tmp_path / "run" / "checkpoint" / "ppo_state.pt", weights_only=False)
+    assert all(torch.equal(ref_state["value_head"][k], got_state["value_head"][k]) for k in ref_state["value_head"])
+    assert ref_state["kl"] == got_state["kl"] and ref_state["ptx"] == got_state["ptx"]

@@ -192,3 +192,26 @@ def test_loss_without_a_head_says_how_to_add_one():
     batch = collate(prepare_data(_toy_records(2), char_tokenizer(), RewardOptions(), 64), char_tokenizer())
     with pytest.raises(peftkit.PeftkitError, match="attach_head"):
         RewardObjective().loss(tuned, batch, RewardOptions())
+
+
+@pytest.mark.slow
+def test_trainer_runs_the_reward_objective_and_saves_the_head(tmp_path):
+    from pathlib import Path
+
+    from peftkit.recipe import recipe_from_dict
+    from peftkit.trainer import Trainer
+
+    data = Path(__file__).resolve().parents[2] / "data" / "rlhf"
+    recipe = recipe_from_dict({
+        "method": {"name": "prompt_tuning", "options": {"num_virtual_tokens": 4}},
+        "objective": {"name": "reward"},
+        "data": {"train": str(data / "preferences.jsonl"), "eval": str(data / "preferences_eval.jsonl"), "max_length": 96, "max_train_samples": 32},
+        "train": {"max_steps": 4, "batch_size": 4, "lr": 1e-2},
+        "output": {"dir": str(tmp_path / "rm"), "log_every": 2, "plot": False},
+    })
+    result = Trainer(recipe, model=tiny_llama(), tokenizer=char_tokenizer(), progress=False).train()
+    records = [__import__("json").loads(line) for line in (tmp_path / "rm" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval_accuracy" in r] == [0, 4]
+    fresh = peftkit.TunedModel(tiny_llama())
+    head = load_reward_model(fresh, result.adapter_dir)
+    assert fresh.adapters == {"reward": "prompt_tuning"} and head.weight.shape == (1, 32)
