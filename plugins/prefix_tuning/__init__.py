@@ -1,4 +1,7 @@
-"""Prefix tuning: trainable key/value prefixes in every attention layer (Li & Liang, 2021, https://arxiv.org/abs/2101.00190).
+"""Prefix tuning: trainable key/value prefixes in every attention layer.
+
+Li & Liang, 2021, "Prefix-Tuning: Optimizing Continuous Prompts for Generation",
+https://arxiv.org/abs/2101.00190.
 
 Each attention layer ``l`` attends over ``P`` learned key/value vectors before
 the real tokens::

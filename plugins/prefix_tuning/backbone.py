@@ -100,8 +100,8 @@ def cached_keys_values(backbone: nn.Module, token_ids: torch.Tensor) -> tuple[to
     shapes = {tuple(t.shape) for t in per_layer}
     if len(shapes) != 1 or not per_layer:
         raise AdapterError(
-            f"prefix_tuning needs every attention layer of {type(backbone).__name__} to cache keys/values of one shape; "
-            f"got per-layer shapes {sorted(shapes)}"
+            f"prefix_tuning needs every attention layer of {type(backbone).__name__} to cache keys/values "
+            f"of one shape; got per-layer shapes {sorted(shapes)}"
         )
     prefix = torch.stack(per_layer)  # (L, 2, H_kv, P, D)
     if prefix.shape[3] != token_ids.shape[0]:
@@ -116,6 +116,9 @@ def cached_keys_values(backbone: nn.Module, token_ids: torch.Tensor) -> tuple[to
 def _stored(cache, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``(1, H_kv, P, D)`` keys and values cache layer ``layer_idx`` holds."""
     if cache.get_seq_length(layer_idx) == 0:
-        raise AdapterError(f"attention layer {layer_idx} cached no keys/values; prefix_tuning does not support this model")
+        raise AdapterError(
+            f"attention layer {layer_idx} cached no keys/values (shared-KV layer?); "
+            "prefix_tuning does not support this model"
+        )
     keys, values = cache.layers[layer_idx].keys, cache.layers[layer_idx].values
     return keys, values

@@ -101,8 +101,8 @@ def add_prefix_to_inputs(
     else:
         if not isinstance(cache, DynamicCache):
             raise AdapterError(
-                f"prefix_tuning fills the KV cache with its prefixes and supports DynamicCache, got {type(cache).__name__}; "
-                "pass a DynamicCache (generate: cache_implementation='dynamic')"
+                f"prefix_tuning fills the KV cache with its prefixes and supports DynamicCache, got "
+                f"{type(cache).__name__}; pass a DynamicCache (generate: cache_implementation='dynamic')"
             )
         if cache.get_seq_length() != 0:
             raise AdapterError(

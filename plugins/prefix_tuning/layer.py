@@ -64,9 +64,10 @@ class PrefixTuningLayer(nn.Module):
         self.geometry = geometry
         self.num_virtual_tokens = options.num_virtual_tokens
         self._active = False
-        parameter = next(backbone.parameters())
-        dtype = parameter.dtype if parameter.dtype.is_floating_point else torch.float32
-        factory = dict(device=parameter.device, dtype=dtype)
+        # The input embeddings stay in float even in quantized models: their dtype is the compute dtype.
+        embedding = backbone.get_input_embeddings().weight
+        dtype = embedding.dtype if embedding.dtype.is_floating_point else torch.float32
+        factory = dict(device=embedding.device, dtype=dtype)
         L, H, P, D = geometry.num_layers, geometry.num_kv_heads, options.num_virtual_tokens, geometry.head_dim
 
         self.prefix: nn.Parameter | None = None

@@ -15,6 +15,7 @@ from peftkit_plugins.prefix_tuning.layer import MERGE_REFUSAL
 
 MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
 P = 4
+MLP_KEYS = ("embedding", "transform.0.weight", "transform.0.bias", "transform.2.weight", "transform.2.bias")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -96,7 +97,8 @@ def test_matches_peft_logits_and_greedy_generation(model, projection):
     ours_tokens = _greedy(ours, ids, mask, new=8)
     assert torch.equal(ours_tokens, _greedy(reference, ids, mask, new=8))
     no_pad = ids[:1]
-    assert torch.equal(_greedy(ours, no_pad, torch.ones_like(no_pad), 8), _greedy(reference, no_pad, torch.ones_like(no_pad), 8))
+    full = torch.ones_like(no_pad)
+    assert torch.equal(_greedy(ours, no_pad, full, 8), _greedy(reference, no_pad, full, 8))
 
 
 def test_grouped_query_attention_prefixes_have_kv_head_count():
@@ -105,7 +107,8 @@ def test_grouped_query_attention_prefixes_have_kv_head_count():
     tuned = peftkit.wrap(model, "prefix_tuning", num_virtual_tokens=P)
     layer = tuned.attached["default"]
     head_dim = model.config.hidden_size // model.config.num_attention_heads
-    assert tuple(layer.prefix.shape) == (model.config.num_hidden_layers, 2, model.config.num_key_value_heads, P, head_dim)
+    config = model.config
+    assert tuple(layer.prefix.shape) == (config.num_hidden_layers, 2, config.num_key_value_heads, P, head_dim)
 
 
 def test_peft_saved_prompt_embeddings_map_onto_our_layout():
@@ -114,7 +117,8 @@ def test_peft_saved_prompt_embeddings_map_onto_our_layout():
     from peft.utils import get_peft_model_state_dict
 
     torch.manual_seed(0)
-    reference = peft.get_peft_model(tiny_llama(), peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P, prefix_projection=True))
+    config = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P, prefix_projection=True)
+    reference = peft.get_peft_model(tiny_llama(), config)
     reference.eval()
     saved = get_peft_model_state_dict(reference)
     assert set(saved) == {"prompt_embeddings"}
@@ -206,7 +210,7 @@ _BOS = 1
 
 
 def _packed_documents(rows: int, length: int, seed: int, single: bool = False) -> torch.Tensor:
-    """Rows of documents ``[BOS, a, a+s, a+2s, ...]`` (s in 1..3, mod the vocabulary), packed like LM pre-training data."""
+    """Rows of documents ``[BOS, a, a+s, a+2s, ...]`` (s in 1..3, mod the vocabulary), packed like LM pre-training."""
     gen = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(rows):
@@ -285,8 +289,9 @@ def test_training_through_prefixes_reduces_loss():
 
 
 def test_projection_init_reproduces_activation_prefixes():
-    tuned = peftkit.wrap(tiny_llama(), "prefix_tuning", num_virtual_tokens=P, projection=True, init_token_ids=[3, 4, 5, 6])
-    direct = peftkit.wrap(tiny_llama(), "prefix_tuning", num_virtual_tokens=P, init_token_ids=[3, 4, 5, 6])
+    ids = [3, 4, 5, 6]
+    tuned = peftkit.wrap(tiny_llama(), "prefix_tuning", num_virtual_tokens=P, projection=True, init_token_ids=ids)
+    direct = peftkit.wrap(tiny_llama(), "prefix_tuning", num_virtual_tokens=P, init_token_ids=ids)
     with torch.no_grad():
         got = tuned.attached["default"].prefixes()
     assert (got - direct.attached["default"].prefix).abs().max() < 1e-5
@@ -299,7 +304,7 @@ def test_inference_form_keeps_only_prefixes_and_training_form_the_mlp():
     inference = tuned.adapter_state_dict(training=False)
     training = tuned.adapter_state_dict(training=True)
     assert set(inference) == {"attached.prefix"}
-    assert set(training) == {f"attached.{k}" for k in ("embedding", "transform.0.weight", "transform.0.bias", "transform.2.weight", "transform.2.bias")}
+    assert set(training) == {f"attached.{k}" for k in MLP_KEYS}
     batch = sample_batch()
     with torch.no_grad():
         expected = tuned(input_ids=batch["input_ids"]).logits
@@ -321,7 +326,7 @@ def test_load_rejects_mismatched_tensors():
     tuned = peftkit.wrap(tiny_llama(), "prefix_tuning", num_virtual_tokens=P)
     layer = tuned.attached["default"]
     with pytest.raises(KeyError, match="projection"):
-        layer.load_adapter_state_dict("default", {k: torch.zeros(1) for k in ("embedding", "transform.0.weight", "transform.0.bias", "transform.2.weight", "transform.2.bias")})
+        layer.load_adapter_state_dict("default", {k: torch.zeros(1) for k in MLP_KEYS})
     with pytest.raises(KeyError, match="expected"):
         layer.load_adapter_state_dict("default", {"prefixes": layer.prefix})
     with pytest.raises(ValueError, match="shape"):
@@ -434,9 +439,18 @@ def test_options_validation_reports_every_problem():
     for fragment in ("'num_virtual_token'", "did you mean 'num_virtual_tokens'", "'init' = 'zeros'"):
         assert fragment in text, text
     with pytest.raises(OptionsError) as info:
-        peftkit.wrap(tiny_llama(), "prefix_tuning", num_virtual_tokens=0, projection_hidden_size=-1, init_token_ids=[1, -2])
+        peftkit.wrap(
+            tiny_llama(), "prefix_tuning", num_virtual_tokens=0, projection_hidden_size=-1, init_token_ids=[1, -2]
+        )
     text = str(info.value)
-    for fragment in ("must be >= 1", "'projection_hidden_size' = -1 must be >= 1", "has no effect without projection", "has 2 ids", "negative ids [-2]"):
+    expected = (
+        "'num_virtual_tokens' = 0 must be >= 1",
+        "'projection_hidden_size' = -1 must be >= 1",
+        "has no effect without projection",
+        "has 2 ids",
+        "negative ids [-2]",
+    )
+    for fragment in expected:
         assert fragment in text, text
     with pytest.raises(OptionsError, match="only used with init='activations'"):
         peftkit.wrap(tiny_llama(), "prefix_tuning", num_virtual_tokens=2, init="random", init_token_ids=[3, 4])
@@ -447,5 +461,12 @@ def test_options_validation_reports_every_problem():
 
 
 def test_encoder_decoder_and_non_transformers_models_are_refused():
+    from transformers import T5Config, T5ForConditionalGeneration
+
     with pytest.raises(AdapterError, match="transformers model"):
         peftkit.wrap(torch.nn.Sequential(torch.nn.Linear(2, 2)), "prefix_tuning")
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=32, d_model=8, d_kv=4, d_ff=8, num_layers=1, num_heads=2))
+    hooks = _hook_count(t5)
+    with pytest.raises(AdapterError, match="decoder-only"):
+        peftkit.wrap(t5, "prefix_tuning")
+    assert _hook_count(t5) == hooks and all(p.requires_grad for p in t5.parameters())
