@@ -91,11 +91,11 @@ def _package_folder(entry: EmbeddedModel) -> Path:
 
 def _convert(entry: EmbeddedModel, dest: Path) -> None:
     """Dequantize the GGUF file once and save model + tokenizer as a plain folder, atomically."""
+    folder = _package_folder(entry)  # first: a missing package is the likeliest problem
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from peftkit.serialization import atomic_directory
 
-    folder = _package_folder(entry)
     try:
         import gguf  # noqa: F401  (transformers' GGUF reader needs it)
     except ImportError:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -193,6 +194,22 @@ class Recipe:
         return {name: dataclasses.asdict(getattr(self, name)) for name in _SECTIONS}
 
 
+# ---------------------------------------------------------------- YAML
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading ``1e-3`` as a float (YAML 1.2) rather than the string YAML 1.1 makes of it."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
 # ---------------------------------------------------------------- overrides
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> tuple[dict[str, Any], list[str], list[str]]:
     """Apply ``key.path=value`` overrides (values parsed as YAML) to a copy of ``raw``.
@@ -210,7 +227,7 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> tuple[dict
             problems.append(f"override {item!r} is not of the form key.path=value (e.g. train.max_steps=20)")
             continue
         try:
-            value = yaml.safe_load(text) if text.strip() else ""
+            value = _yaml_load(text) if text.strip() else ""
         except yaml.YAMLError as exc:
             problems.append(f"override {item!r}: the value is not valid YAML ({exc})")
             continue
@@ -339,7 +356,7 @@ def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = (), *, plugi
     if not path.is_file():
         raise RecipeError(str(path), [f"no such recipe file: {str(path)!r} (see `peftkit recipes` for the shipped ones)"])
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = _yaml_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise RecipeError(str(path), [f"not valid YAML: {exc}"]) from None
     raw, problems, notes = apply_overrides(raw, overrides) if isinstance(raw, dict) else (raw, [], [])
