@@ -50,7 +50,8 @@ def test_conformance(model, check):
     check_injector("p_tuning", model_factory=MODELS[model], checks=[check], num_virtual_tokens=P, encoder_hidden_size=HIDDEN)
 
 
-@pytest.mark.parametrize("check", CHECKS)
+# The hooks are shared with the MLP encoder; what the LSTM changes is parameters, state and determinism.
+@pytest.mark.parametrize("check", ["only_adapter_parameters_train", "save_load_roundtrip", "generate"])
 def test_conformance_lstm(check):
     check_injector("p_tuning", checks=[check], num_virtual_tokens=P, encoder="lstm", encoder_hidden_size=8)
 
