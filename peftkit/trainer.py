@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -154,7 +155,11 @@ class Trainer:
         self.resume = resume
         self.progress = progress
         self.output_dir = Path(recipe.output.dir)
-        self.accelerator = Accelerator(cpu=recipe.train.cpu, mixed_precision=recipe.train.mixed_precision)
+        # accelerate only runs CPU processes as one DDP group (gloo) when told
+        # cpu=True; under torchrun on a machine without GPU that is what is meant.
+        launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        cpu = recipe.train.cpu or (launched and not torch.cuda.is_available())
+        self.accelerator = Accelerator(cpu=cpu, mixed_precision=recipe.train.mixed_precision)
         self.objective = self.pm.get_objective(recipe.objective.name)
         self.objective_options = recipe.objective_options
         self._given_model, self._given_tokenizer = model, tokenizer

@@ -272,12 +272,11 @@ def test_torchrun_two_processes_end_with_identical_adapters_and_a_falling_loss(t
             """
             import sys, torch
             torch.set_num_threads(1)
-            from accelerate import PartialState
             from peftkit.recipe import load_recipe
             from peftkit.trainer import Trainer
-            rank = PartialState().process_index
             t = Trainer(load_recipe(sys.argv[1], [f"output.dir={sys.argv[2]}"]), progress=False)
             result = t.train()
+            rank = t.accelerator.process_index
             t.tuned.save(f"{sys.argv[2]}/rank{rank}")
             print("WORLD", t.accelerator.num_processes, "BEFORE", result.eval_loss_before, "AFTER", result.eval_loss_after)
             """
