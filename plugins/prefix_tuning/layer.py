@@ -102,11 +102,12 @@ class PrefixTuningLayer(nn.Module):
         step, unlike a zero ``W2`` (which would also force all ``P`` prefixes equal).
         """
         with torch.no_grad():
-            target = _flatten(target_prefix).double()  # (P, L * 2 * H_kv * D)
+            target = _flatten(target_prefix).float()  # (P, L * 2 * H_kv * D)
             bias = target.mean(dim=0)
-            hidden = torch.tanh(self.transform[0](self.embedding)).double()  # (P, hidden)
-            weight_t = torch.linalg.pinv(hidden) @ (target - bias)  # (hidden, L * 2 * H_kv * D)
-            self.transform[2].weight.copy_(weight_t.T)
+            hidden = torch.tanh(self.transform[0](self.embedding))  # (P, hidden)
+            # Only the small (hidden, P) pseudo-inverse in float64: W2 itself can be large.
+            inverse = torch.linalg.pinv(hidden.double()).float()  # (hidden, P)
+            self.transform[2].weight.copy_((inverse @ (target - bias)).T)
             self.transform[2].bias.copy_(bias)
 
     # ------------------------------------------------------------- prefixes
@@ -160,12 +161,11 @@ class PrefixTuningLayer(nn.Module):
     def _compute_dtype(module: nn.Module, arguments: dict[str, Any]) -> torch.dtype:
         """The dtype the model's keys/values come out in (autocast's, else the input embeddings')."""
         embeds = arguments.get("inputs_embeds")
-        device = embeds.device if embeds is not None else arguments["input_ids"].device
+        weight = module.get_input_embeddings().weight
+        device = embeds.device if embeds is not None else weight.device
         if torch.is_autocast_enabled(device.type):
             return torch.get_autocast_dtype(device.type)
-        if embeds is not None:
-            return embeds.dtype
-        return module.get_input_embeddings().weight.dtype
+        return embeds.dtype if embeds is not None else weight.dtype
 
     # ------------------------------------------------------- AdapterLayer
     def adapter_names(self) -> list[str]:

@@ -163,6 +163,30 @@ def test_activation_prefix_equals_prepending_the_tokens(model):
     assert torch.equal(got, want)
 
 
+def test_sequence_classification_head_sees_the_prefix_as_context():
+    """The hook sits on the shared decoder backbone, so reward-model heads get the prefix too."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    def classifier():
+        torch.manual_seed(0)
+        config = LlamaConfig(
+            vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, pad_token_id=0, num_labels=1,
+        )
+        return LlamaForSequenceClassification(config).eval()
+
+    context = [7, 8, 9]
+    tuned = peftkit.wrap(classifier(), "prefix_tuning", num_virtual_tokens=3, init_token_ids=context)
+    ids, mask = _padded_batch("right")
+    full_ids = torch.cat([torch.tensor(context).expand(3, -1), ids], dim=1)
+    full_mask = torch.cat([torch.ones(3, 3, dtype=mask.dtype), mask], dim=1)
+    with torch.no_grad():
+        got = tuned(input_ids=ids, attention_mask=mask).logits
+        want = classifier()(input_ids=full_ids, attention_mask=full_mask).logits
+    assert got.shape == (3, 1)
+    assert (got - want).abs().max() < 1e-5
+
+
 @pytest.mark.parametrize("model", MODELS)
 def test_incremental_decoding_with_returned_cache_matches_full_forward(model):
     """A cache returned by a forward already holds the prefix; continuing from it equals one full forward."""
