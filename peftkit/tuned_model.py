@@ -248,8 +248,15 @@ class TunedModel(nn.Module):
         if name in self._merged:
             return
         self._check_mergeable(name)
-        for _, layer in self._layers_of(name):
-            layer.merge(name)
+        done = []
+        try:
+            for _, layer in self._layers_of(name):
+                layer.merge(name)
+                done.append(layer)
+        except BaseException:  # all or nothing: a layer that refuses leaves no layer merged
+            for layer in reversed(done):
+                layer.unmerge(name)
+            raise
         self._merged.append(name)
 
     def unmerge(self) -> None:

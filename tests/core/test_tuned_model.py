@@ -130,3 +130,26 @@ def test_training_mode_follows_the_base_model():
     model = tiny_llama()  # eval mode
     tuned = peftkit.wrap(model, "lora", dropout=0.1)
     assert not any(m.training for m in tuned.modules())
+
+
+def test_merge_is_all_or_nothing(monkeypatch):
+    from peftkit_plugins.lora.layer import LoraLayer
+
+    batch = sample_batch()
+    tuned = peftkit.wrap(tiny_llama(), "lora", r=2)
+    train_steps(tuned, batch)
+    expected = logits(tuned, batch)
+    layers = [m for m in tuned.modules() if isinstance(m, LoraLayer)]
+    real_merge = LoraLayer.merge
+
+    def refuse_last(self, name):
+        if self is layers[-1]:
+            raise RuntimeError("this layer cannot merge")
+        real_merge(self, name)
+
+    monkeypatch.setattr(LoraLayer, "merge", refuse_last)
+    with pytest.raises(RuntimeError, match="cannot merge"):
+        tuned.merge()
+    assert tuned.merged_adapters == []
+    assert torch.allclose(logits(tuned, batch), expected, atol=1e-6)
+    assert all(not layer._merged for layer in layers)
