@@ -102,3 +102,17 @@ def test_apply_overrides_does_not_touch_the_input():
     raw = {"train": {"lr": 1.0}}
     new, problems, _ = apply_overrides(raw, ["train.lr=2"])
     assert raw["train"]["lr"] == 1.0 and new["train"]["lr"] == 2 and not problems
+
+
+def test_cli_validate_and_recipes(capsys, monkeypatch):
+    from peftkit.cli import main
+
+    monkeypatch.chdir(RECIPES.parent)
+    assert main(["validate", "recipes/sft-lora.yaml", "method.name=ia3", "train.max_steps=3"]) == 0
+    out = capsys.readouterr().out
+    assert "note: method.name overridden" in out and "method ia3" in out and "3 steps" in out
+    assert main(["validate", "recipes/sft-lora.yaml", "train.lr=-1", "train.bogus=1"]) == 2
+    err = capsys.readouterr().err
+    assert "train.lr = -1.0 must be > 0" in err and "train.bogus is not a recipe key" in err
+    assert main(["recipes"]) == 0
+    assert "recipes/sft-lora.yaml" in capsys.readouterr().out
