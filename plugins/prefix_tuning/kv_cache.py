@@ -128,14 +128,28 @@ def add_prefix_to_inputs(
         if mask.shape[1] != past + length:
             raise AdapterError(
                 f"attention_mask covers {mask.shape[1]} positions but there are {past} cached and {length} new "
-                f"tokens (the {P} prefix positions are added by adapter {owner[0]!r}: leave them out of the mask)"
+                f"tokens (the {P} prefix positions are added by adapter {owner[0]!r}: leave them out of the mask). "
+                + _CONTINUATION_HINT
             )
         ones = torch.ones(mask.shape[0], P, dtype=mask.dtype, device=mask.device)
         arguments["attention_mask"] = torch.cat([ones, mask], dim=1)  # (B, P + past + T)
 
     position_ids = arguments.get("position_ids")
     if position_ids is not None:
+        # Without padding, positions derived from a mask continue the cache; anything else means the
+        # caller counted the prefix as its own tokens (generate() restarting from a prefixed cache).
+        if mask is None and past > 0 and bool((position_ids[..., 0] != past).any()):
+            raise AdapterError(
+                f"{length} new tokens start at position {int(position_ids[..., 0].min())}, but {past} tokens are "
+                f"already cached after the {P}-token prefix of adapter {owner[0]!r}. " + _CONTINUATION_HINT
+            )
         arguments["position_ids"] = position_ids + P
+
+
+_CONTINUATION_HINT = (
+    "generate() cannot restart from a cache that holds a prefix (it takes the prefix for prompt tokens "
+    "already processed and skips as many of yours): pass the whole prompt to generate() without past_key_values"
+)
 
 
 def drop_unrequested_cache(output: Any) -> Any:

@@ -163,6 +163,21 @@ def test_activation_prefix_equals_prepending_the_tokens(model):
     assert torch.equal(got, want)
 
 
+def test_generate_refuses_to_restart_from_a_prefixed_cache():
+    """generate() counts cached entries as prompt tokens; with a prefix inside it would skip tokens: refuse, not guess."""
+    tuned = peftkit.wrap(tiny_llama(), "prefix_tuning", num_virtual_tokens=P, init="random")
+    ids, mask = _padded_batch("left")
+    with torch.no_grad():
+        cache = tuned(input_ids=ids[:, :5], attention_mask=mask[:, :5], use_cache=True).past_key_values
+    kwargs = dict(max_new_tokens=2, do_sample=False, pad_token_id=0)
+    with pytest.raises(AdapterError, match="cannot restart from a cache"):
+        tuned.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, **kwargs)
+    with torch.no_grad():
+        cache = tuned(input_ids=ids[:1, :5], use_cache=True).past_key_values
+    with pytest.raises(AdapterError, match="cannot restart from a cache"):
+        tuned.generate(input_ids=ids[:1], past_key_values=cache, **kwargs)
+
+
 def test_sequence_classification_head_sees_the_prefix_as_context():
     """The hook sits on the shared decoder backbone, so reward-model heads get the prefix too."""
     from transformers import LlamaConfig, LlamaForSequenceClassification
