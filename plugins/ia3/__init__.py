@@ -43,6 +43,7 @@ from peftkit_plugins.adapter.architectures import detect_layout, has_suffix
 from peftkit_plugins.ia3.architectures import IA3_LAYOUTS
 from peftkit_plugins.ia3.layer import IA3Layer
 from peftkit_plugins.ia3.options import IA3Options
+from peftkit_plugins.ia3.peft_format import IA3PeftFormat
 
 __all__ = ["IA3Injector", "IA3Layer", "IA3Options", "IA3Wrapper", "ia3_targets"]
 
@@ -100,6 +101,7 @@ class IA3Injector:
     description = "(IA)^3: learned vectors rescale keys, values and FFN activations (Liu et al., 2022); exact merge"
     options = IA3Options
     supports_merge = True
+    peft_format = IA3PeftFormat()
 
     def inject(self, context: InjectionContext, options: IA3Options) -> None:
         for name, feedforward in ia3_targets(context.model, options):

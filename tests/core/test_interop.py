@@ -85,3 +85,17 @@ def test_import_onto_wrong_model_leaves_it_untouched(tmp_path):
 def test_missing_files(tmp_path):
     with pytest.raises(AdapterFormatError, match="adapter_config.json is missing"):
         peftkit.import_peft(tiny_llama(), tmp_path)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_ia3_round_trips_through_peft(model, tmp_path):
+    factory = MODELS[model]
+    batch = sample_batch()
+    tuned = peftkit.wrap(factory(), "ia3")
+    train_steps(tuned, batch)
+    peftkit.export_peft(tuned, tmp_path / "exported")
+    reference = peft.PeftModel.from_pretrained(factory(), tmp_path / "exported").eval()
+    assert (logits(reference, batch) - logits(tuned, batch)).abs().max() < 1e-5
+    reference.save_pretrained(tmp_path / "peft")
+    back = peftkit.import_peft(factory(), tmp_path / "peft")
+    assert torch.equal(logits(back, batch), logits(tuned, batch))
