@@ -23,6 +23,7 @@ from peftkit.hookspecs import hookimpl
 from peftkit.injection import InjectionContext
 from peftkit_plugins.prompt_tuning.init import initial_prompt, resolve_init_token_ids, token_ids_for_text
 from peftkit_plugins.prompt_tuning.options import PromptTuningOptions
+from peftkit_plugins.prompt_tuning.peft_format import PromptTuningPeftFormat
 from peftkit_plugins.prompt_tuning.prompt import PromptEmbeddings
 from peftkit_plugins.prompt_tuning.virtual_tokens import (
     MERGE_REFUSAL,
@@ -38,6 +39,7 @@ class PromptTuningInjector:
     name = "prompt_tuning"
     description = "Prompt tuning: trainable virtual-token embeddings prepended to the input (Lester et al., 2021)"
     options = PromptTuningOptions
+    peft_format = PromptTuningPeftFormat()
     supports_merge = False
     merge_refusal = MERGE_REFUSAL
 
