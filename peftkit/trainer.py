@@ -38,7 +38,8 @@ from torch import nn
 from peftkit.data import BatchOrder, DataError, load_records, split_records
 from peftkit.errors import PeftkitError
 from peftkit.options import options_to_dict
-from peftkit.plugins import PluginManager, plugin_manager
+from peftkit.plugins import PluginManager
+from peftkit.plugins import plugin_manager as default_plugin_manager
 from peftkit.recipe import Recipe
 from peftkit.registry import ObjectiveLoss
 from peftkit.serialization import atomic_directory
@@ -151,7 +152,7 @@ class Trainer:
         if (model is None) != (tokenizer is None):
             raise TrainingError("pass both model and tokenizer, or neither (then recipe.model is loaded)")
         self.recipe = recipe
-        self.pm = plugin_manager or globals()["plugin_manager"]()
+        self.pm = plugin_manager or default_plugin_manager()
         self.resume = resume
         self.progress = progress
         self.output_dir = Path(recipe.output.dir)
@@ -420,7 +421,8 @@ class Trainer:
             self.tuned.save(adapter_dir)
             if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
                 self.tokenizer.save_pretrained(adapter_dir / "tokenizer")
-            (adapter_dir / "base_model.txt").write_text(self.recipe.model.name_or_path + "\n")
+            if self._given_model is None:  # a model handed in has no name to record
+                (adapter_dir / "base_model.txt").write_text(self.recipe.model.name_or_path + "\n")
             if self.recipe.output.plot:
                 from peftkit._plot import plot_losses
 
