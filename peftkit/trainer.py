@@ -120,7 +120,10 @@ def enable_gradient_checkpointing(tuned: nn.Module) -> None:
     # Non-reentrant checkpointing back-propagates into adapters inside the
     # checkpointed layers even when the layer inputs need no grad; input grads
     # are enabled too, for input-side methods whose tensors join at the embeddings.
-    hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(hf_model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+        hf_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     with contextlib.suppress(NotImplementedError, AttributeError):
         hf_model.enable_input_require_grads()
     if getattr(hf_model.config, "use_cache", None):
