@@ -147,8 +147,9 @@ def add_prefix_to_inputs(
 
 
 _CONTINUATION_HINT = (
-    "generate() cannot restart from a cache that holds a prefix (it takes the prefix for prompt tokens "
-    "already processed and skips as many of yours): pass the whole prompt to generate() without past_key_values"
+    "If this comes from generate(past_key_values=...): generate() cannot restart from a cache that holds a "
+    "prefix (it takes the prefix for prompt tokens already processed and skips as many of yours); pass the "
+    "whole prompt to generate() without past_key_values"
 )
 
 
