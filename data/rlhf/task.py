@@ -1,6 +1,7 @@
 """The RLHF demo task and its true reward, computable by code: reply in lowercase and end with '!'.
 
     true_reward(y) = 0.6 * [y has no uppercase letter] + 0.4 * [y, stripped, ends with "!"]
+                     (0 for a reply without any letter, so an empty reply earns nothing)
 
 so the four styles of the same reply are strictly ordered: ``lower!`` (1.0) >
 ``lower.`` (0.6) > ``Sentence!`` (0.4) > ``Sentence.`` (0.0). The preference
@@ -42,8 +43,10 @@ REPLIES = [
 
 
 def true_reward(response: str) -> float:
-    """0.6 for no uppercase letter + 0.4 for ending with '!' (after stripping spaces)."""
+    """0.6 for no uppercase letter + 0.4 for ending with '!' (after stripping spaces); 0 without any letter."""
     text = response.strip()
+    if not any(c.isalpha() for c in text):
+        return 0.0
     return 0.6 * float(not any(c.isupper() for c in text)) + 0.4 * float(text.endswith("!"))
 
 

@@ -75,7 +75,7 @@ def main() -> None:
     lora = {"name": "lora", "options": {"r": 16, "alpha": 32, "target_modules": "all-linear"}}
     sft = _train({"method": lora, "objective": {"name": "sft"},
                   "data": {"train": str(HERE / "sft.jsonl"), "eval_size": 32, "max_length": 128},
-                  "train": {"max_steps": 300, "batch_size": 16, "lr": 1e-2, "warmup_steps": 10}}, out / "sft")
+                  "train": {"max_steps": 150, "batch_size": 16, "lr": 1e-2, "warmup_steps": 10}}, out / "sft")
     rm = _train({"method": lora, "objective": {"name": "reward"},
                  "data": {"train": str(HERE / "preferences.jsonl"), "eval": str(HERE / "preferences_eval.jsonl"), "max_length": 128},
                  "train": {"max_steps": 150, "batch_size": 8, "lr": 5e-3, "warmup_steps": 10}}, out / "rm")
