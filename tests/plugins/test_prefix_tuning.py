@@ -13,6 +13,9 @@ from peftkit.testing import CHECKS, check_injector, sample_batch, tiny_gpt2, tin
 from peftkit_plugins.prefix_tuning import from_peft_prompt_embeddings, to_peft_prompt_embeddings
 from peftkit_plugins.prefix_tuning.layer import MERGE_REFUSAL
 
+# peft 0.21 still calls transformers' deprecated is_gradient_checkpointing; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+
 MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
 P = 4
 MLP_KEYS = ("embedding", "transform.0.weight", "transform.0.bias", "transform.2.weight", "transform.2.bias")
