@@ -59,7 +59,13 @@ from peftkit.errors import AdapterError
 from peftkit.hookspecs import hookimpl
 from peftkit.injection import InjectionContext
 from peftkit.targeting import innermost_base
-from peftkit_plugins.prefix_tuning.backbone import KVGeometry, attention_modules, cached_keys_values, find_backbone
+from peftkit_plugins.prefix_tuning.backbone import (
+    KVGeometry,
+    attention_modules,
+    cached_keys_values,
+    find_backbone,
+    input_embedding_weight,
+)
 from peftkit_plugins.prefix_tuning.layer import MERGE_REFUSAL, PrefixTuningLayer
 from peftkit_plugins.prefix_tuning.options import PrefixTuningOptions
 from peftkit_plugins.prefix_tuning.peft_layout import from_peft_prompt_embeddings, to_peft_prompt_embeddings
@@ -102,10 +108,9 @@ class PrefixTuningInjector:
             for child_name, child in attention.named_children():
                 if hasattr(innermost_base(child), "weight"):
                     context.record_target(f"{name}.{child_name}", child)
-        device = model.get_input_embeddings().weight.device
-        token_ids = _init_token_ids(model, options, device)
+        token_ids = _init_token_ids(model, options, input_embedding_weight(backbone).device)
         with context.tuned_model.disable_adapters():  # the base model's own keys/values
-            keys_values, geometry = cached_keys_values(backbone, token_ids)
+            keys_values, geometry = cached_keys_values(backbone, token_ids, model.config)
         if options.projection and options.init == "activations":
             hidden = options.projection_hidden_size or geometry.width
             if hidden < options.num_virtual_tokens:
@@ -115,7 +120,7 @@ class PrefixTuningInjector:
                     f"{hidden}; raise projection_hidden_size or use fewer virtual tokens"
                 )
         initial = keys_values if options.init == "activations" else None
-        context.attach(PrefixTuningLayer(backbone, context.adapter_name, options, geometry, initial))
+        context.attach(PrefixTuningLayer(backbone, model.config, context.adapter_name, options, geometry, initial))
 
 
 @hookimpl

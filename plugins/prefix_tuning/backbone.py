@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from peftkit.errors import AdapterError
 
-__all__ = ["KVGeometry", "find_backbone", "attention_modules", "cached_keys_values"]
+__all__ = ["KVGeometry", "find_backbone", "attention_modules", "cached_keys_values", "input_embedding_weight"]
 
 
 @dataclass(frozen=True)
@@ -35,10 +36,13 @@ class KVGeometry:
 
 
 def find_backbone(model: nn.Module) -> nn.Module:
-    """The decoder stack of a transformers model: the module that consumes ``past_key_values``.
+    """The decoder stack of a transformers model: the module that takes the tokens and ``past_key_values``.
 
-    ``LlamaForCausalLM`` -> ``.model``, ``GPT2LMHeadModel`` -> ``.transformer``
-    (transformers' ``base_model`` property); a bare decoder is its own backbone.
+    It is the closest ancestor of all attention modules whose forward takes
+    ``past_key_values`` and ``input_ids``/``inputs_embeds``: ``LlamaModel`` in
+    ``LlamaForCausalLM``, ``GPT2Model`` in ``GPT2LMHeadModel``, ``OPTDecoder`` in
+    ``OPTForCausalLM`` (whose head calls the decoder directly, past ``OPTModel``).
+    The same backbone serves every head (causal LM, sequence classification).
 
     :raises AdapterError: for encoder-decoder models and modules without a KV cache.
     """
@@ -52,15 +56,45 @@ def find_backbone(model: nn.Module) -> nn.Module:
         raise AdapterError(
             f"prefix_tuning supports decoder-only models; {type(model).__name__} is an encoder-decoder model"
         )
+    paths = [name.split(".") for name, _ in attention_modules(model)]
+    if paths:
+        common = paths[0]
+        for path in paths[1:]:
+            shared = 0
+            while shared < min(len(common), len(path)) and common[shared] == path[shared]:
+                shared += 1
+            common = common[:shared]
+        for depth in range(len(common), -1, -1):
+            candidate = model.get_submodule(".".join(common[:depth]))
+            if _takes_tokens_and_cache(candidate):
+                return candidate
     backbone = getattr(model, "base_model", model)
-    if not isinstance(backbone, nn.Module):
-        backbone = model
-    if "past_key_values" not in inspect.signature(backbone.forward).parameters:
-        raise AdapterError(
-            f"prefix_tuning needs a decoder whose forward takes past_key_values; "
-            f"{type(backbone).__name__}.forward does not"
-        )
-    return backbone
+    if isinstance(backbone, nn.Module) and _takes_tokens_and_cache(backbone):
+        return backbone
+    raise AdapterError(
+        f"prefix_tuning needs a decoder whose forward takes input_ids and past_key_values; "
+        f"found none in {type(model).__name__}"
+    )
+
+
+def _takes_tokens_and_cache(module: nn.Module) -> bool:
+    try:
+        parameters = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return "past_key_values" in parameters and ("input_ids" in parameters or "inputs_embeds" in parameters)
+
+
+def input_embedding_weight(module: nn.Module) -> torch.Tensor:
+    """The input embedding matrix of ``module`` (its first floating-point parameter if it has no getter)."""
+    getter = getattr(module, "get_input_embeddings", None)
+    try:
+        embeddings = getter() if getter is not None else None
+    except (NotImplementedError, AttributeError):
+        embeddings = None
+    if embeddings is not None:
+        return embeddings.weight
+    return next(p for p in module.parameters() if p.dtype.is_floating_point)
 
 
 def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -72,7 +106,7 @@ def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
-def cached_keys_values(backbone: nn.Module, token_ids: torch.Tensor) -> tuple[torch.Tensor, KVGeometry]:
+def cached_keys_values(backbone: nn.Module, token_ids: torch.Tensor, config: Any) -> tuple[torch.Tensor, KVGeometry]:
     """Run ``backbone`` on ``token_ids`` and return the keys/values every layer caches for them.
 
     The backbone runs in eval mode (no dropout) and without gradients, at
@@ -80,6 +114,7 @@ def cached_keys_values(backbone: nn.Module, token_ids: torch.Tensor) -> tuple[to
     leave in the cache (keys after RoPE where the model uses it).
 
     :param token_ids: ``(P,)`` token ids.
+    :param config: the model's config (the cache's layer types).
     :returns: ``(L, 2, H_kv, P, D)`` keys (index 0) and values (index 1), and their geometry.
     :raises AdapterError: if the layers cache different shapes (not supported).
     """
@@ -89,7 +124,7 @@ def cached_keys_values(backbone: nn.Module, token_ids: torch.Tensor) -> tuple[to
     backbone.eval()
     try:
         with torch.no_grad():
-            cache = DynamicCache(config=backbone.config)
+            cache = DynamicCache(config=config)
             backbone(input_ids=token_ids.unsqueeze(0), past_key_values=cache, use_cache=True)
     finally:
         backbone.train(was_training)

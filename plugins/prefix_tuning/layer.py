@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from peftkit.errors import AdapterError, MergeNotSupportedError
-from peftkit_plugins.prefix_tuning.backbone import KVGeometry
+from peftkit_plugins.prefix_tuning.backbone import KVGeometry, input_embedding_weight
 from peftkit_plugins.prefix_tuning.kv_cache import add_prefix_to_inputs, drop_unrequested_cache, prefix_owner
 from peftkit_plugins.prefix_tuning.options import PrefixTuningOptions
 
@@ -42,6 +42,7 @@ class PrefixTuningLayer(nn.Module):
     """The key/value prefixes of one adapter for every attention layer of ``backbone``.
 
     :param backbone: the decoder stack (it receives a forward pre-hook and a forward hook).
+    :param config: the model's config (for the caches it creates).
     :param adapter_name: the adapter's name.
     :param options: validated options.
     :param geometry: what each layer caches (from :func:`~.backbone.cached_keys_values`).
@@ -54,6 +55,7 @@ class PrefixTuningLayer(nn.Module):
     def __init__(
         self,
         backbone: nn.Module,
+        config: Any,
         adapter_name: str,
         options: PrefixTuningOptions,
         geometry: KVGeometry,
@@ -65,7 +67,7 @@ class PrefixTuningLayer(nn.Module):
         self.num_virtual_tokens = options.num_virtual_tokens
         self._active = False
         # The input embeddings stay in float even in quantized models: their dtype is the compute dtype.
-        embedding = backbone.get_input_embeddings().weight
+        embedding = input_embedding_weight(backbone)
         dtype = embedding.dtype if embedding.dtype.is_floating_point else torch.float32
         factory = dict(device=embedding.device, dtype=dtype)
         L, H, P, D = geometry.num_layers, geometry.num_kv_heads, options.num_virtual_tokens, geometry.head_dim
@@ -89,7 +91,7 @@ class PrefixTuningLayer(nn.Module):
 
         # The signature lets the hook find arguments however the caller passed them.
         self._signature = inspect.signature(backbone.forward)
-        self._config = backbone.config
+        self._config = config
         self._hook = backbone.register_forward_pre_hook(self._before_backbone_forward, with_kwargs=True)
         self._output_hook = backbone.register_forward_hook(self._after_backbone_forward)
 
@@ -161,7 +163,7 @@ class PrefixTuningLayer(nn.Module):
     def _compute_dtype(module: nn.Module, arguments: dict[str, Any]) -> torch.dtype:
         """The dtype the model's keys/values come out in (autocast's, else the input embeddings')."""
         embeds = arguments.get("inputs_embeds")
-        weight = module.get_input_embeddings().weight
+        weight = input_embedding_weight(module)
         device = embeds.device if embeds is not None else weight.device
         if torch.is_autocast_enabled(device.type):
             return torch.get_autocast_dtype(device.type)

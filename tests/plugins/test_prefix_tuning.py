@@ -205,6 +205,49 @@ def test_sequence_classification_head_sees_the_prefix_as_context():
     assert (got - want).abs().max() < 1e-5
 
 
+def _other_architectures():
+    import transformers as tf
+
+    gqa = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    mha = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
+    return {
+        "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM, gqa),
+        "mistral_sliding_window": (tf.MistralConfig, tf.MistralForCausalLM, dict(gqa, sliding_window=64)),
+        "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM, gqa),
+        "gemma2_hybrid_cache": (tf.Gemma2Config, tf.Gemma2ForCausalLM, dict(gqa, head_dim=8, sliding_window=64)),
+        "opt_head_calls_decoder": (tf.OPTConfig, tf.OPTForCausalLM, dict(mha, ffn_dim=64, word_embed_proj_dim=32)),
+        "gpt_neox": (tf.GPTNeoXConfig, tf.GPTNeoXForCausalLM, dict(mha, intermediate_size=64)),
+        "bloom_alibi": (tf.BloomConfig, tf.BloomForCausalLM, dict(hidden_size=32, n_layer=2, n_head=4)),
+        "falcon": (tf.FalconConfig, tf.FalconForCausalLM, mha),
+    }
+
+
+ARCHITECTURES = ["qwen2", "mistral_sliding_window", "phi3", "gemma2_hybrid_cache", "opt_head_calls_decoder",
+                 "gpt_neox", "bloom_alibi", "falcon"]
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_other_architectures_match_prepended_context(architecture):
+    """The mechanism needs no per-architecture code: RoPE, ALiBi, learned positions, sliding windows, GQA."""
+    config_class, model_class, sizes = _other_architectures()[architecture]
+
+    def build():
+        torch.manual_seed(0)
+        return model_class(config_class(vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2, **sizes)).eval()
+
+    context = [5, 17, 99, 42]
+    tuned = peftkit.wrap(build(), "prefix_tuning", num_virtual_tokens=len(context), init_token_ids=context)
+    base = build()
+    ids, mask = _padded_batch("left")
+    full_ids = torch.cat([torch.tensor(context).expand(3, -1), ids], dim=1)
+    full_mask = torch.cat([torch.ones(3, len(context), dtype=mask.dtype), mask], dim=1)
+    with torch.no_grad():
+        got = tuned(input_ids=ids, attention_mask=mask).logits
+        want = base(input_ids=full_ids, attention_mask=full_mask).logits[:, len(context):]
+    assert (got - want)[mask.bool()].abs().max() < 1e-5
+    assert torch.equal(_greedy(tuned, ids, mask)[:, ids.shape[1]:], _greedy(base, full_ids, full_mask)[:, full_ids.shape[1]:])
+
+
 @pytest.mark.parametrize("model", MODELS)
 def test_incremental_decoding_with_returned_cache_matches_full_forward(model):
     """A cache returned by a forward already holds the prefix; continuing from it equals one full forward."""
