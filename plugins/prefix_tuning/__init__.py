@@ -24,7 +24,10 @@ adapter exported to peft's format behaves the same there.
 
 Mechanism, and why: the prefixes enter through the KV cache, prefilled at a
 forward pre-hook on the decoder backbone (``kv_cache.py``; a forward hook
-takes back a cache the caller did not ask for with ``use_cache=False``). The alternatives
+takes back a cache the caller did not ask for with ``use_cache=False``). The
+backbone is the closest ancestor of the attention modules whose forward takes
+tokens and ``past_key_values`` (``backbone.py``), so every head on it (causal
+LM, sequence classification for reward models) sees the prefix. The alternatives
 were rejected because they depend on internals that change every release:
 
 * extending keys/values inside each attention module (wrapping ``k_proj``, a
