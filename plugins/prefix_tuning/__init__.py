@@ -48,7 +48,10 @@ public forward arguments (``past_key_values``, a 2-D ``attention_mask``,
 passes an empty cache on its first step, which is filled in place, and later
 steps find the prefix there. Known limits (clear errors): gradient
 checkpointing (transformers drops the cache in checkpointed layers), caches
-other than ``DynamicCache``, 4-D masks, encoder-decoder models. Sliding-window
+other than ``DynamicCache``, 4-D masks, encoder-decoder models, and
+``generate(past_key_values=...)`` restarting from a cache that holds a prefix
+(generate counts the prefix as prompt tokens). Not handled: models split over
+several devices (the prefixes sit on the input-embedding device). Sliding-window
 layers keep the prefix only while it is inside their window, as in peft.
 """
 
