@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     from peftkit import cli_train
 
     cli_train.add_subcommands(sub)
+    from peftkit.plugins import plugin_manager
+
+    plugin_manager().hook.peftkit_register_commands(subparsers=sub)
     return parser
 
 

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any, Callable
 import pluggy
 
 if TYPE_CHECKING:
+    import argparse
+
     from torch import nn
 
     from peftkit.registry import Injector, Objective
@@ -31,6 +33,7 @@ __all__ = [
     "peftkit_after_inject",
     "peftkit_model_load_kwargs",
     "peftkit_on_log",
+    "peftkit_register_commands",
 ]
 
 hookspec = pluggy.HookspecMarker("peftkit")
@@ -123,5 +126,19 @@ def peftkit_on_log(step: int, metrics: dict[str, float]) -> None:
 
     :param step: the optimizer step the metrics belong to.
     :param metrics: metric name -> value (losses, learning rate, tokens/s, ...).
+    :returns: nothing; the return value is ignored.
+    """
+
+
+@hookspec
+def peftkit_register_commands(subparsers: "argparse._SubParsersAction") -> None:
+    """Add subcommands to the ``peftkit`` command line.
+
+    Call ``subparsers.add_parser(name, help=...)`` and set a ``func`` default
+    taking the parsed ``argparse.Namespace`` and returning an exit code, e.g.
+    ``parser.set_defaults(func=run)``. A ``PeftkitError`` raised by ``func`` is
+    printed as one error line with exit code 2.
+
+    :param subparsers: the ``argparse`` subparsers object of the ``peftkit`` parser.
     :returns: nothing; the return value is ignored.
     """

@@ -10,7 +10,7 @@ directory, adapter + ``reward_head.safetensors`` (:mod:`.saving`);
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 from peftkit.hookspecs import hookimpl
 from peftkit_plugins.reward.head import ScalarHead, heads_of, last_token_hidden, last_token_index, sequence_scores
@@ -36,6 +36,13 @@ __all__ = [
     "score",
     "sequence_scores",
 ]
+
+
+@hookimpl
+def peftkit_register_commands(subparsers: Any) -> None:
+    from peftkit_plugins.reward.cli import add_subcommands
+
+    add_subcommands(subparsers)
 
 
 @hookimpl

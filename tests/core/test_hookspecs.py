@@ -199,3 +199,18 @@ def test_peftkit_model_load_kwargs_merges_and_detects_conflicts(register_plugin)
     register_plugin(C(), name="c")
     with pytest.raises(PluginError, match="'b' and 'c'|'c' and 'b'"):
         pm.model_load_kwargs("m", None)
+
+
+def test_peftkit_register_commands(register_plugin, capsys):
+    from peftkit.cli import main
+
+    class Hello:
+        @peftkit.hookimpl
+        def peftkit_register_commands(self, subparsers):
+            parser = subparsers.add_parser("hello", help="say hello")
+            parser.add_argument("--name", default="world")
+            parser.set_defaults(func=lambda args: print(f"hello {args.name}") or 0)
+
+    register_plugin(Hello(), name="hello-plugin")
+    assert main(["hello", "--name", "peftkit"]) == 0
+    assert capsys.readouterr().out == "hello peftkit\n"
