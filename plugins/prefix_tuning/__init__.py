@@ -74,7 +74,11 @@ from peftkit_plugins.prefix_tuning.backbone import (
 )
 from peftkit_plugins.prefix_tuning.layer import MERGE_REFUSAL, PrefixTuningLayer
 from peftkit_plugins.prefix_tuning.options import PrefixTuningOptions
-from peftkit_plugins.prefix_tuning.peft_layout import from_peft_prompt_embeddings, to_peft_prompt_embeddings
+from peftkit_plugins.prefix_tuning.peft_layout import (
+    PrefixTuningPeftFormat,
+    from_peft_prompt_embeddings,
+    to_peft_prompt_embeddings,
+)
 
 __all__ = [
     "PrefixTuningInjector",
@@ -105,6 +109,7 @@ class PrefixTuningInjector:
     options = PrefixTuningOptions
     supports_merge = False
     merge_refusal = MERGE_REFUSAL
+    peft_format = PrefixTuningPeftFormat()
 
     def inject(self, context: InjectionContext, options: PrefixTuningOptions) -> None:
         model = context.model

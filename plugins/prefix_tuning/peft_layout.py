@@ -38,3 +38,45 @@ def from_peft_prompt_embeddings(embeddings: torch.Tensor, geometry: KVGeometry) 
         )
     shaped = embeddings.reshape(tokens, geometry.num_layers, 2, geometry.num_kv_heads, geometry.head_dim)
     return shaped.permute(1, 2, 3, 0, 4).contiguous()
+
+
+class PrefixTuningPeftFormat:
+    """Prefix tuning <-> Hugging Face peft (``peft_type: PREFIX_TUNING``), folded form both ways.
+
+    peft keeps the KV-head geometry in its config (``num_layers``, and under GQA
+    ``num_attention_heads = H_kv``, ``token_dim = H_kv * D``), which is what
+    :func:`from_peft_prompt_embeddings` needs.
+    """
+
+    peft_type = "PREFIX_TUNING"
+
+    def to_peft(self, options, tensors: dict[str, torch.Tensor], model) -> tuple[dict, dict[str, torch.Tensor]]:
+        prefix = tensors["attached.prefix"]  # (L, 2, H_kv, P, D)
+        layers, _, heads, tokens, head_dim = prefix.shape
+        fields = {
+            "num_virtual_tokens": int(tokens),
+            "num_layers": int(layers),
+            "num_attention_heads": int(heads),
+            "token_dim": int(heads * head_dim),
+            "num_transformer_submodules": 1,
+            "prefix_projection": False,  # exported folded: inference needs no MLP
+            "encoder_hidden_size": int(heads * head_dim),
+        }
+        return fields, {"prompt_embeddings": to_peft_prompt_embeddings(prefix)}
+
+    def from_peft(self, config: dict, tensors: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
+        from peftkit.errors import AdapterFormatError
+
+        if set(tensors) != {"prompt_embeddings"}:
+            raise AdapterFormatError(f"a peft prefix-tuning adapter holds only 'prompt_embeddings'; found {sorted(tensors)}")
+        missing = [k for k in ("num_layers", "num_attention_heads", "token_dim") if not isinstance(config.get(k), int)]
+        if missing:
+            raise AdapterFormatError(f"the peft prefix-tuning config lacks {missing}, needed to lay out the prefixes")
+        heads = config["num_attention_heads"]
+        geometry = KVGeometry(config["num_layers"], heads, config["token_dim"] // heads)
+        try:
+            prefix = from_peft_prompt_embeddings(tensors["prompt_embeddings"], geometry)
+        except ValueError as exc:
+            raise AdapterFormatError(str(exc)) from None
+        options = {"num_virtual_tokens": int(prefix.shape[3]), "projection": False, "init": "random"}
+        return options, {"attached.prefix": prefix}
