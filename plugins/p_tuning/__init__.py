@@ -26,6 +26,7 @@ from peftkit.hookspecs import hookimpl
 from peftkit.injection import InjectionContext
 from peftkit_plugins.p_tuning.encoder import PromptEncoder
 from peftkit_plugins.p_tuning.options import PTuningOptions
+from peftkit_plugins.p_tuning.peft_format import PTuningPeftFormat
 from peftkit_plugins.p_tuning.prompt import PTuningPrompt
 from peftkit_plugins.prompt_tuning.virtual_tokens import (
     MERGE_REFUSAL,
@@ -41,6 +42,7 @@ class PTuningInjector:
     name = "p_tuning"
     description = "P-tuning: virtual tokens from a trainable MLP/LSTM prompt encoder (Liu et al., 2021); encoder droppable"
     options = PTuningOptions
+    peft_format = PTuningPeftFormat()
     supports_merge = False
     merge_refusal = MERGE_REFUSAL
 

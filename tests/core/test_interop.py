@@ -128,3 +128,18 @@ def test_prefix_tuning_round_trips_through_peft(model, tmp_path):
     reference.save_pretrained(tmp_path / "peft")
     back = peftkit.import_peft(factory(), tmp_path / "peft")
     assert torch.equal(logits(back, batch), logits(tuned, batch))
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_p_tuning_round_trips_through_peft(model, tmp_path):
+    factory = MODELS[model]
+    batch = sample_batch()
+    tuned = peftkit.wrap(factory(), "p_tuning", num_virtual_tokens=5, encoder_hidden_size=16)
+    train_steps(tuned, batch)
+    peftkit.export_peft(tuned, tmp_path / "exported")
+    reference = peft.PeftModel.from_pretrained(factory(), tmp_path / "exported").eval()
+    theirs = logits(reference, batch)[:, 5:]  # peft's logits include the virtual positions
+    assert (theirs - logits(tuned, batch)).abs().max() < 1e-5
+    reference.save_pretrained(tmp_path / "peft")
+    back = peftkit.import_peft(factory(), tmp_path / "peft")
+    assert torch.equal(logits(back, batch), logits(tuned, batch))

@@ -1,0 +1,56 @@
+"""P-tuning <-> Hugging Face peft (``peft_type: P_TUNING``), in the inference form.
+
+Both libraries save the encoder's *output* (``prompt_embeddings``, P x H) as the
+adapter, and peft in inference mode uses it directly; so export and import
+move that tensor and the encoder settings, and an imported adapter runs
+without its encoder (as any peftkit inference-form P-tuning adapter does).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from peftkit.errors import AdapterFormatError
+
+__all__ = ["PTuningPeftFormat"]
+
+OURS, THEIRS = "attached.prompt_embeddings", "prompt_embeddings"
+
+
+class PTuningPeftFormat:
+    peft_type = "P_TUNING"
+
+    def to_peft(self, options: Any, tensors: dict[str, torch.Tensor], model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        prompt = tensors[OURS]
+        config = model.config
+        fields = {
+            "num_virtual_tokens": int(prompt.shape[0]),
+            "token_dim": int(prompt.shape[1]),
+            "num_transformer_submodules": 1,
+            "num_attention_heads": getattr(config, "num_attention_heads", None),
+            "num_layers": getattr(config, "num_hidden_layers", None),
+            "encoder_reparameterization_type": options.encoder.upper(),
+            "encoder_hidden_size": options.encoder_hidden_size or int(prompt.shape[1]),
+            "encoder_num_layers": options.encoder_num_layers,
+            "encoder_dropout": options.encoder_dropout,
+        }
+        return fields, {THEIRS: prompt}
+
+    def from_peft(self, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        if set(tensors) != {THEIRS}:
+            raise AdapterFormatError(f"a peft P-tuning adapter file holds only {THEIRS!r}; found {sorted(tensors)}")
+        encoder = str(config.get("encoder_reparameterization_type", "MLP")).lower()
+        if encoder not in ("mlp", "lstm"):
+            raise AdapterFormatError(f"encoder_reparameterization_type={encoder!r}: peftkit's p_tuning has 'mlp' and 'lstm'")
+        prompt = tensors[THEIRS]
+        options = {
+            "num_virtual_tokens": int(prompt.shape[0]),
+            "encoder": encoder,
+            "encoder_hidden_size": config.get("encoder_hidden_size"),
+            "encoder_num_layers": int(config.get("encoder_num_layers", 2)),
+            "encoder_dropout": float(config.get("encoder_dropout", 0.0)),
+        }
+        return options, {OURS: prompt}
