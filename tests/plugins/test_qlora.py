@@ -27,6 +27,16 @@ bnb = pytest.importorskip("bitsandbytes")
 MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy machine two
+    spin-waiting OpenMP threads made this file ~10x slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def quantized(factory, **overrides):
     """The tiny model with every Linear/Conv1D but the head in NF4: the 4-bit base the checks compare against."""
     return quantize_model(factory(**overrides))
@@ -64,9 +74,9 @@ def test_conformance_on_4bit_base(method, model, check):
 
 
 def test_conformance_with_dropout_rslora_gaussian_fp4_no_double_quant():
-    factory = functools.partial(
-        lambda: quantize_model(tiny_llama(), ["q_proj", "v_proj"], quant_type="fp4", double_quant=False)
-    )
+    def factory():
+        return quantize_model(tiny_llama(), ["q_proj", "v_proj"], quant_type="fp4", double_quant=False)
+
     check_injector(
         "qlora", model_factory=factory, r=4, dropout=0.1, use_rslora=True, init="gaussian",
         target_modules=["q_proj", "v_proj"], quant_type="fp4", double_quant=False,
@@ -376,6 +386,8 @@ def test_adapter_trained_on_full_precision_base_loads_onto_loaded_4bit_base(tmp_
     kwargs = peftkit.plugin_manager().hook.peftkit_model_load_kwargs(method="qlora", options=QLoraOptions())[0]
     loaded = peftkit.load(AutoModelForCausalLM.from_pretrained(tmp_path / "base", **kwargs), tmp_path / "adapter")
     assert torch.equal(logits(loaded, batch), logits(tuned, batch))
+    again = peftkit.load(tiny_llama(), tmp_path / "adapter")  # full precision: quantized while loading the adapter
+    assert len(linear4bit_layers(again)) == 14 and torch.equal(logits(again, batch), logits(tuned, batch))
 
 
 # ------------------------------------------------------------ reference
