@@ -2,9 +2,11 @@
 
     python data/rlhf/tiny_pipeline.py [--out /tmp/rlhf-tiny]
 
-Base: ``peftkit.testing.tiny_llama`` (2 layers, 32 wide, random weights) with
-a character-level tokenizer, so the task's surface features (case, a final
-'!') are visible to it. Every stage runs through the peftkit trainer with the
+Base: ``peftkit.testing.tiny_llama`` (2 layers, 32 wide, random weights drawn
+with ``initializer_range=0.2``: with the default 0.02 the frozen output head
+can only produce near-uniform next-token distributions, which no adapter can
+sharpen) with a character-level tokenizer, so the task's surface features
+(case, a final '!') are visible to it. Every stage runs through the peftkit trainer with the
 same objectives and data as the shipped recipes (only sizes differ). Prints,
 for base / SFT / PPO / PPO-ptx: true task reward of greedy replies to the
 held-out prompts, held-out LM loss on ``pretrain_eval.txt``; and the reward
@@ -29,23 +31,27 @@ from task import true_reward  # noqa: E402
 from test_reward import char_tokenizer  # noqa: E402
 
 
+def _base():
+    from peftkit.testing import tiny_llama
+
+    return tiny_llama(initializer_range=0.2)
+
+
 def _train(recipe: dict, out: Path) -> Path:
     from peftkit.recipe import recipe_from_dict
-    from peftkit.testing import tiny_llama
     from peftkit.trainer import Trainer
 
-    recipe["output"] = {"dir": str(out), "log_every": 10, "plot": False}
-    return Trainer(recipe_from_dict(recipe), model=tiny_llama(), tokenizer=char_tokenizer(), progress=False).train().adapter_dir
+    recipe["output"] = {"dir": str(out), "log_every": 5, "plot": False}
+    return Trainer(recipe_from_dict(recipe), model=_base(), tokenizer=char_tokenizer(), progress=False).train().adapter_dir
 
 
 @torch.no_grad()
 def _measure(adapter: Path | None, tokenizer) -> dict:
     import peftkit
-    from peftkit.testing import tiny_llama
     from peftkit_plugins.ppo.data import load_ptx_texts
     from peftkit_plugins.reward.formatting import encode_prompt
 
-    model = tiny_llama()
+    model = _base()
     tuned = peftkit.load(model, adapter) if adapter else model
     prompts = [json.loads(line)["prompt"] for line in (HERE / "prompts_eval.jsonl").read_text().splitlines()]
     rewards, sample = [], None
@@ -89,7 +95,7 @@ def main() -> None:
         options = dict(ppo_options, ptx_coef=ptx, **({"ptx_data": str(HERE / "pretrain.txt")} if ptx else {}))
         _train({"method": {"name": "lora"}, "objective": {"name": "ppo", "options": options},
                 "data": {"train": str(HERE / "prompts.jsonl"), "eval": str(HERE / "prompts_eval.jsonl"), "max_length": 96},
-                "train": {"max_steps": args.ppo_steps, "batch_size": 16, "lr": 3e-3, "scheduler": "constant", "eval_batch_size": 64}},
+                "train": {"max_steps": args.ppo_steps, "batch_size": 16, "lr": 1e-2, "scheduler": "constant", "eval_batch_size": 64}},
                out / name)
         logs = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
         steps = [r for r in logs if "policy_loss" in r]

@@ -362,3 +362,12 @@ def test_trainer_runs_ppo_ptx_and_a_resumed_run_ends_bit_identical(tmp_path, reg
     got_state = torch.load(tmp_path / "run" / "checkpoint" / "ppo_state.pt", weights_only=False)
     assert all(torch.equal(ref_state["value_head"][k], got_state["value_head"][k]) for k in ref_state["value_head"])
     assert ref_state["kl"] == got_state["kl"] and ref_state["ptx"] == got_state["ptx"]
+
+
+def test_stop_tokens_must_be_single_tokens():
+    from peftkit_plugins.ppo import stop_token_ids
+
+    tok = char_tokenizer()
+    assert stop_token_ids(tok, ["!", "?"]) == sorted({2, tok.convert_tokens_to_ids("!"), tok.convert_tokens_to_ids("?")})
+    with pytest.raises(peftkit.PeftkitError, match="'END' is not a single token"):
+        stop_token_ids(tok, ["END"])
