@@ -6,7 +6,9 @@ layout the first time the layer runs in eval mode on an input that does not
 require grad (any ``torch.no_grad()`` evaluation). The kernel for that layout
 (``gemv_4bit``) has no backward: afterwards gradients silently stop at every
 converted layer (bitsandbytes only emits a ``UserWarning``), so LoRA matrices
-below it stop learning and ``enable_input_require_grads`` is defeated.
+below it stop learning and ``enable_input_require_grads`` is defeated. (For
+layers whose input size is not a multiple of the 64-value block, the conversion
+fails outright with a reshape error, so tiny test models crash instead.)
 
 :func:`keep_trainable_layout` switches the conversion off
 (``support_avx512bf16_for_cpu = False``) and converts back any layer that was
