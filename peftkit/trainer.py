@@ -44,7 +44,7 @@ from peftkit.recipe import Recipe
 from peftkit.registry import ObjectiveLoss
 from peftkit.serialization import atomic_directory
 
-__all__ = ["Trainer", "TrainResult", "TrainingError", "train", "enable_gradient_checkpointing"]
+__all__ = ["Trainer", "TrainResult", "TrainingError", "train", "enable_gradient_checkpointing", "make_scheduler"]
 
 ADAPTER_DIR = "adapter"
 CHECKPOINT_DIR = "checkpoint"
@@ -104,6 +104,30 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, name: str, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning-rate schedule: a multiplier of the peak ``lr`` per optimizer step.
+
+    ``constant``: 1; ``constant_with_warmup``: linear from 0 to 1 over
+    ``warmup_steps``, then 1; ``linear``/``cosine``: that warm-up, then down to 0
+    at ``total_steps`` along a line / half a cosine. (The same curves as
+    transformers' schedulers, whose module would import the training stack.)
+    """
+
+    def factor(step: int) -> float:
+        if name == "constant":
+            return 1.0
+        if step < warmup_steps:
+            return step / max(1, warmup_steps)
+        if name == "constant_with_warmup":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if name == "linear":
+            return max(0.0, 1.0 - progress)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def enable_gradient_checkpointing(tuned: nn.Module) -> None:
@@ -175,7 +199,6 @@ class Trainer:
         """Load the model, inject the adapter, read the data, build optimizer and scheduler."""
         import peftkit
         from accelerate.utils import set_seed
-        from transformers import get_scheduler
 
         recipe, train_cfg = self.recipe, self.recipe.train
         set_seed(train_cfg.seed)  # python, numpy and torch: the adapter's initialisation depends on it
@@ -228,9 +251,7 @@ class Trainer:
         else:
             micro = math.ceil(train_cfg.epochs * self.order.batches_per_epoch)
             self.total_steps = max(1, micro // train_cfg.gradient_accumulation_steps)
-        self.scheduler = get_scheduler(
-            train_cfg.scheduler, self.optimizer, num_warmup_steps=train_cfg.warmup_steps, num_training_steps=self.total_steps
-        )
+        self.scheduler = make_scheduler(self.optimizer, train_cfg.scheduler, train_cfg.warmup_steps, self.total_steps)
         self.step_module = self.accelerator.prepare(_ObjectiveStep(self.tuned, self.objective, self.objective_options))
         self.optimizer = self.accelerator.prepare(self.optimizer)
         self.step = 0

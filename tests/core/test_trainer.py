@@ -313,3 +313,17 @@ def test_torchrun_two_processes_end_with_identical_adapters_and_a_falling_loss(t
     losses = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [r["eval_loss"] for r in losses if "eval_loss" in r]
     assert evals[-1] < evals[0]
+
+
+@pytest.mark.parametrize("name", ["constant", "constant_with_warmup", "linear", "cosine"])
+def test_schedules_match_transformers(name):
+    from transformers import get_scheduler
+
+    from peftkit.trainer import make_scheduler
+
+    param = [torch.nn.Parameter(torch.zeros(1))]
+    ours_opt, ref_opt = torch.optim.SGD(param, lr=1.0), torch.optim.SGD(param, lr=1.0)
+    ours, ref = make_scheduler(ours_opt, name, 3, 10), get_scheduler(name, ref_opt, num_warmup_steps=3, num_training_steps=10)
+    for _ in range(10):
+        assert ours.get_last_lr()[0] == pytest.approx(ref.get_last_lr()[0], abs=1e-12)
+        ours_opt.step(), ref_opt.step(), ours.step(), ref.step()
