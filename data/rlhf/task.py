@@ -77,9 +77,14 @@ def main() -> None:
         style = rng.choices(["Sentence.", "lower.", "Sentence!", "lower!"], weights=[0.55, 0.15, 0.15, 0.15])[0]
         sft.append({"prompt": prompt, "response": styles(_reply(rng, topic))[style]})
     write("sft.jsonl", sft)
-    # Rankings of K = 4 (every style of one reply) and pairs of two different replies' styles.
+    # Rankings of K = 4 (every style of one reply) and pairs of two different replies' styles; plus pairs
+    # against a reply without letters (empty or "!"), which a learned reward would otherwise never see
+    # and a policy could exploit (measured: PPO on the tiny model learned to answer with nothing).
     prefs = []
     for prompt, topic in train:
+        if rng.random() < 0.25:
+            good = styles(_reply(rng, topic))[rng.choice(["lower!", "lower.", "Sentence!"])]
+            prefs.append({"prompt": prompt, "chosen": good, "rejected": rng.choice(["", "!", "."])})
         if rng.random() < 0.5:
             prefs.append({"prompt": prompt, "responses": list(styles(_reply(rng, topic)).values())})
         else:
