@@ -37,10 +37,12 @@ def _base():
     return tiny_llama(initializer_range=0.2)
 
 
-def _train(recipe: dict, out: Path) -> Path:
+def _train(recipe: dict, out: Path, reuse: bool = False) -> Path:
     from peftkit.recipe import recipe_from_dict
     from peftkit.trainer import Trainer
 
+    if reuse and (out / "adapter" / "adapter_config.json").is_file():
+        return out / "adapter"
     recipe["output"] = {"dir": str(out), "log_every": 5, "plot": False}
     return Trainer(recipe_from_dict(recipe), model=_base(), tokenizer=char_tokenizer(), progress=False).train().adapter_dir
 
@@ -74,6 +76,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="/tmp/rlhf-tiny")
     parser.add_argument("--ppo-steps", type=int, default=40)
+    parser.add_argument("--ppo-lr", type=float, default=3e-3)
+    parser.add_argument("--reuse", action="store_true", help="keep SFT and reward adapters already in --out")
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -81,21 +85,21 @@ def main() -> None:
     lora = {"name": "lora", "options": {"r": 16, "alpha": 32, "target_modules": "all-linear"}}
     sft = _train({"method": lora, "objective": {"name": "sft"},
                   "data": {"train": str(HERE / "sft.jsonl"), "eval_size": 32, "max_length": 128},
-                  "train": {"max_steps": 150, "batch_size": 16, "lr": 1e-2, "warmup_steps": 10}}, out / "sft")
+                  "train": {"max_steps": 150, "batch_size": 16, "lr": 1e-2, "warmup_steps": 10}}, out / "sft", args.reuse)
     rm = _train({"method": lora, "objective": {"name": "reward"},
                  "data": {"train": str(HERE / "preferences.jsonl"), "eval": str(HERE / "preferences_eval.jsonl"), "max_length": 128},
-                 "train": {"max_steps": 150, "batch_size": 8, "lr": 5e-3, "warmup_steps": 10}}, out / "rm")
+                 "train": {"max_steps": 150, "batch_size": 8, "lr": 5e-3, "warmup_steps": 10}}, out / "rm", args.reuse)
     rm_eval = [json.loads(line) for line in (out / "rm" / "metrics.jsonl").read_text().splitlines() if "eval_accuracy" in line]
     results = {"reward_model": {"heldout_accuracy_before": rm_eval[0]["eval_accuracy"], "heldout_accuracy": rm_eval[-1]["eval_accuracy"],
                                 "heldout_margin": rm_eval[-1]["eval_margin"]}}
     ppo_options = {"reward_model": str(rm), "sft_adapter": str(sft), "max_new_tokens": 24, "minibatch_size": 8, "ppo_epochs": 2,
-                   "kl_coef": 0.05}
+                   "kl_coef": 0.1}
     policies = {"ppo": 0.0, "ppo_ptx": 0.5}
     for name, ptx in policies.items():
         options = dict(ppo_options, ptx_coef=ptx, **({"ptx_data": str(HERE / "pretrain.txt")} if ptx else {}))
         _train({"method": {"name": "lora"}, "objective": {"name": "ppo", "options": options},
                 "data": {"train": str(HERE / "prompts.jsonl"), "eval": str(HERE / "prompts_eval.jsonl"), "max_length": 96},
-                "train": {"max_steps": args.ppo_steps, "batch_size": 16, "lr": 1e-2, "scheduler": "constant", "eval_batch_size": 64}},
+                "train": {"max_steps": args.ppo_steps, "batch_size": 16, "lr": args.ppo_lr, "scheduler": "constant", "eval_batch_size": 64}},
                out / name)
         logs = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
         steps = [r for r in logs if "policy_loss" in r]
