@@ -383,7 +383,7 @@ class Trainer:
         batches = self._batches()
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (self.progress and accel.is_main_process), unit="step")
         start_time, tokens_seen, window_loss, window_steps, last_loss = time.perf_counter(), 0, 0.0, 0, None
-        window_start, window_tokens = start_time, 0
+        window_start, window_tokens, window_metrics = start_time, 0, {}
         self.step_module.train()
 
         while self.step < self.total_steps:
@@ -397,6 +397,8 @@ class Trainer:
                     self._check_finite(out.loss)
                     accel.backward(out.loss / accum)
                 step_loss += float(out.loss.detach()) / accum
+                for key, value in out.metrics.items():  # the objective's own parts, averaged over the log window
+                    window_metrics[key] = window_metrics.get(key, 0.0) + value / accum
                 n_tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else int(batch["input_ids"].numel())
                 tokens_seen += n_tokens
                 window_tokens += n_tokens
@@ -421,10 +423,11 @@ class Trainer:
                     "lr": self.scheduler.get_last_lr()[0],
                     "tokens_per_s": tps,
                     "epoch": self.order.epoch + self.order.batch_in_epoch / self.order.batches_per_epoch,
+                    **{key: value / window_steps for key, value in window_metrics.items()},
                 }
                 self.log(record)
                 bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tps:.0f}")
-                window_loss, window_steps, window_start, window_tokens = 0.0, 0, now, 0
+                window_loss, window_steps, window_start, window_tokens, window_metrics = 0.0, 0, now, 0, {}
             if out_cfg.eval_every and self.step % out_cfg.eval_every == 0 and self.step < self.total_steps:
                 eval_loss = self.evaluate()
                 if eval_loss is not None:
