@@ -89,7 +89,7 @@ def setup_roles(tuned: Any, options: PPOOptions, *, policy: str = POLICY, replac
     load_reward_model(tuned, options.reward_model, REWARD)
     tuned.set_adapter(policy)
     attach_value_head(tuned, seed=seed)
-    return Roles(tuned, policy=policy, reward=REWARD, reference=reference)
+    return Roles(tuned, policy=policy, reward=REWARD, reference=reference, value_shares_trunk=options.value_shares_trunk)
 
 
 class PPOObjective:

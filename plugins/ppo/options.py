@@ -30,6 +30,7 @@ class PPOOptions:
         gamma, lam: GAE discount and lambda. whiten_advantages: normalise advantages per rollout.
         ppo_epochs: optimisation passes over each rollout; minibatch_size: episodes per optimizer step.
         clip_range: policy ratio clip eps; clip_range_value: value clip; vf_coef: value-loss weight.
+        value_shares_trunk: let the value loss train the policy adapter too (default: head only).
         chat_template: render prompts with the tokenizer's chat template (as sft and reward do).
 
     PPO-ptx:
@@ -56,6 +57,7 @@ class PPOOptions:
     clip_range: float = 0.2
     clip_range_value: float = 0.2
     vf_coef: float = 0.1
+    value_shares_trunk: bool = False
     chat_template: bool = True
     ptx_coef: float = 0.0
     ptx_data: str | None = None

@@ -5,7 +5,12 @@
   (``None`` means the bare base, used only when there is no SFT adapter, i.e.
   when the policy itself started from the base);
 * **value**: a scalar head on the policy's hidden states (``heads["value"]``),
-  so one policy forward gives log-probabilities and values;
+  so one policy forward gives log-probabilities and values. By default the
+  head reads them detached: the value loss trains the head only, because its
+  gradient through a shared adapter competes with the policy's (measured on
+  the tiny pipeline: with large returns the joint, clipped gradient was mostly
+  the value's, and the policy drifted to high entropy). ``value_shares_trunk``
+  lets it train the adapter too (TRL's shared value head);
 * **reward**: a frozen reward adapter + its head (``heads[<reward name>]``).
 
 Every adapter lives on the same :class:`peftkit.TunedModel`; :meth:`Roles.use`
@@ -49,6 +54,7 @@ class Roles:
     reward: str
     reference: str | None = None
     value_head: str = "value"
+    value_shares_trunk: bool = False
 
     @contextlib.contextmanager
     def use(self, role: str) -> Iterator[None]:
@@ -77,7 +83,8 @@ class Roles:
         with self.use("policy"):
             hidden = self._response_hidden(rollout)  # (B, R, H)
         logits = lm_head(hidden).float() / temperature  # (B, R, V)
-        values = heads_of(self.tuned)[self.value_head](hidden).float() if with_values else None  # (B, R)
+        value_input = hidden if self.value_shares_trunk else hidden.detach()
+        values = heads_of(self.tuned)[self.value_head](value_input).float() if with_values else None  # (B, R)
         return logits, values
 
     def reference_logits(self, rollout: Rollout, temperature: float = 1.0) -> torch.Tensor:

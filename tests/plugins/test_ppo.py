@@ -371,3 +371,18 @@ def test_stop_tokens_must_be_single_tokens():
     assert stop_token_ids(tok, ["!", "?"]) == sorted({2, tok.convert_tokens_to_ids("!"), tok.convert_tokens_to_ids("?")})
     with pytest.raises(peftkit.PeftkitError, match="'END' is not a single token"):
         stop_token_ids(tok, ["END"])
+
+
+@pytest.mark.parametrize("shares", [False, True])
+def test_value_loss_reaches_the_policy_adapter_only_when_the_trunk_is_shared(shares):
+    tuned = perturbed(peftkit.wrap(tiny_llama(), "lora", r=4, target_modules=["q_proj", "v_proj"]))
+    tuned.add_adapter("reward", "lora", trainable=False, r=2, target_modules=["q_proj"])
+    attach_head(tuned, "reward")
+    attach_value_head(tuned)
+    roles = Roles(tuned, policy="default", reward="reward", value_shares_trunk=shares)
+    rollout = pack_episodes([[1, 5, 6]], [([7, 8, 2], True)], pad_id=0)
+    _, values = roles.policy_forward(rollout)
+    values.sum().backward()
+    adapter_grads = [p.grad for n, p in tuned.named_parameters() if "lora_A.default" in n]
+    assert tuned.heads["value"].weight.grad is not None
+    assert all(g is not None and g.abs().sum() > 0 for g in adapter_grads) if shares else all(g is None for g in adapter_grads)
