@@ -9,6 +9,11 @@ tokens, loss on the second half of each row, as for replies), report the peak.
     python benchmarks/sft_memory.py --model tiny --seq 64 # a tiny model, seconds
 
 The target in issue 4 is peftkit's peak <= 0.6x that of peft + a plain loop.
+Measured here (SmolLM2-135M-Instruct, fp32, batch 4 x 256, 1 step, CPU; same first loss 13.3150 in all three):
+
+    peft-plain   peak RSS 3822 MB
+    peftkit      peak RSS 3239 MB   0.85x   (chunked loss: the logits are gone, the layer activations remain)
+    peftkit-gc   peak RSS 1745 MB   0.46x   (plus train.gradient_checkpointing: true)
 """
 
 from __future__ import annotations
