@@ -14,10 +14,9 @@ import torch
 from torch import nn
 
 from peftkit.errors import AdapterFormatError
+from peftkit_plugins.prompt_tuning.peft_format import OURS, THEIRS, virtual_token_fields
 
 __all__ = ["PTuningPeftFormat"]
-
-OURS, THEIRS = "attached.prompt_embeddings", "prompt_embeddings"
 
 
 class PTuningPeftFormat:
@@ -25,13 +24,8 @@ class PTuningPeftFormat:
 
     def to_peft(self, options: Any, tensors: dict[str, torch.Tensor], model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         prompt = tensors[OURS]
-        config = model.config
         fields = {
-            "num_virtual_tokens": int(prompt.shape[0]),
-            "token_dim": int(prompt.shape[1]),
-            "num_transformer_submodules": 1,
-            "num_attention_heads": getattr(config, "num_attention_heads", None),
-            "num_layers": getattr(config, "num_hidden_layers", None),
+            **virtual_token_fields(prompt, model),
             "encoder_reparameterization_type": options.encoder.upper(),
             "encoder_hidden_size": options.encoder_hidden_size or int(prompt.shape[1]),
             "encoder_num_layers": options.encoder_num_layers,

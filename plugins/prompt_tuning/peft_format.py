@@ -15,9 +15,21 @@ from torch import nn
 
 from peftkit.errors import AdapterFormatError
 
-__all__ = ["PromptTuningPeftFormat"]
+__all__ = ["PromptTuningPeftFormat", "virtual_token_fields"]
 
 OURS, THEIRS = "attached.prompt_embeddings", "prompt_embeddings"
+
+
+def virtual_token_fields(prompt: torch.Tensor, model: nn.Module) -> dict[str, Any]:
+    """peft config fields shared by its prompt-learning methods, for a P x H prompt on ``model``."""
+    config = model.config
+    return {
+        "num_virtual_tokens": int(prompt.shape[0]),
+        "token_dim": int(prompt.shape[1]),
+        "num_transformer_submodules": 1,
+        "num_attention_heads": getattr(config, "num_attention_heads", None),
+        "num_layers": getattr(config, "num_hidden_layers", None),
+    }
 
 
 class PromptTuningPeftFormat:
@@ -25,13 +37,8 @@ class PromptTuningPeftFormat:
 
     def to_peft(self, options: Any, tensors: dict[str, torch.Tensor], model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         prompt = tensors[OURS]
-        config = model.config
         fields = {
-            "num_virtual_tokens": int(prompt.shape[0]),
-            "token_dim": int(prompt.shape[1]),
-            "num_transformer_submodules": 1,
-            "num_attention_heads": getattr(config, "num_attention_heads", None),
-            "num_layers": getattr(config, "num_hidden_layers", None),
+            **virtual_token_fields(prompt, model),
             "prompt_tuning_init": "RANDOM",
             "prompt_tuning_init_text": None,
             "tokenizer_name_or_path": None,
