@@ -33,7 +33,7 @@ METHODS: dict[str, dict] = {
     "ia3": {},
     "adapter": {"bottleneck_size": 64},
     "prompt_tuning": {"num_virtual_tokens": VIRTUAL},
-    "p_tuning": {"num_virtual_tokens": VIRTUAL},
+    "p_tuning": {"num_virtual_tokens": VIRTUAL, "encoder_hidden_size": 128},
     "prefix_tuning": {"num_virtual_tokens": VIRTUAL},
 }
 
