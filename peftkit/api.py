@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable
 
 from torch import nn
 
@@ -51,9 +51,18 @@ def load(
     :raises AdapterFormatError: missing, corrupt, or made for another model.
     :raises UnknownMethodError: the adapter's method is not installed.
     """
+    return attach_adapter(model, lambda tuned: tuned.load_adapter(path, adapter_name, is_trainable=is_trainable), is_trainable)
+
+
+def attach_adapter(model: nn.Module, add: Callable[[TunedModel], Any], is_trainable: bool) -> TunedModel:
+    """Run ``add(tuned)`` on ``model`` (wrapped in a new ``TunedModel`` unless it is one).
+
+    A failure leaves a plain ``model`` exactly as it was; an inference-only adapter
+    leaves the model in eval mode.
+    """
     tuned = model if isinstance(model, TunedModel) else TunedModel(model)
     try:
-        tuned.load_adapter(path, adapter_name, is_trainable=is_trainable)
+        add(tuned)
     except BaseException:
         if tuned is not model:
             tuned.unload()

@@ -21,7 +21,8 @@ from torch import nn
 
 from peftkit.errors import AdapterError, AdapterFormatError, UnknownMethodError
 from peftkit.plugins import plugin_manager
-from peftkit.serialization import atomic_directory
+from peftkit.api import attach_adapter
+from peftkit.serialization import _contiguous_cpu, atomic_directory
 from peftkit.tuned_model import TunedModel
 
 __all__ = ["PeftFormat", "export_peft", "import_peft", "PEFT_CONFIG_NAME", "PEFT_WEIGHTS_NAME", "PEFT_PREFIX"]
@@ -83,8 +84,7 @@ def export_peft(tuned: TunedModel, path: str | os.PathLike, *, adapter_name: str
     }
     with atomic_directory(path) as tmp:
         (tmp / PEFT_CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        save_file(cpu, str(tmp / PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
+        save_file(_contiguous_cpu(tensors), str(tmp / PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
     return Path(path)
 
 
@@ -126,20 +126,7 @@ def import_peft(
         raise AdapterFormatError(f"{str(weights_file)!r} is corrupt or not a safetensors file ({exc})") from None
     method = converters[peft_type]
     options, state = _format_of(method).from_peft(config, tensors)
-    tuned = model if isinstance(model, TunedModel) else TunedModel(model)
     name = adapter_name or "default"
-    try:
-        tuned.add_adapter(name, method, trainable=is_trainable, **options)
-        try:
-            tuned._load_state(name, state, path)
-        except BaseException:
-            tuned.delete_adapter(name)
-            raise
-    except BaseException:
-        if tuned is not model:
-            tuned.unload()
-        raise
-    if not is_trainable:
-        tuned.eval()
-    return tuned
+    add = lambda tuned: tuned.add_adapter_with_state(name, method, options, state, trainable=is_trainable, source=path)  # noqa: E731
+    return attach_adapter(model, add, is_trainable)
 

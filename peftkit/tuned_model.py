@@ -364,13 +364,32 @@ class TunedModel(nn.Module):
                 f"adapter {str(path)!r} was made with method {method!r}, which no installed plugin provides ({exc})"
             ) from None
         self._check_fingerprint(path, config)
-        self.add_adapter(name, method, trainable=is_trainable, **config["options"])
+        self.add_adapter_with_state(name, method, config["options"], tensors, trainable=is_trainable, source=path)
+        return name
+
+    def add_adapter_with_state(
+        self,
+        name: str,
+        method: str,
+        options: dict[str, Any],
+        tensors: dict[str, torch.Tensor],
+        *,
+        trainable: bool = False,
+        source: Any = "<tensors>",
+    ) -> None:
+        """Inject adapter ``name`` and fill it with saved ``tensors`` (keyed as :meth:`adapter_state_dict` gives them).
+
+        All or nothing: if the tensors do not fit, the adapter is removed again.
+
+        :param source: what the tensors came from, for error messages.
+        :raises AdapterFormatError: tensors missing, extra or of the wrong shape.
+        """
+        self.add_adapter(name, method, trainable=trainable, **options)
         try:
-            self._load_state(name, tensors, path)
+            self._load_state(name, tensors, source)
         except BaseException:
             self.delete_adapter(name)
             raise
-        return name
 
     def _check_fingerprint(self, path: Any, config: dict[str, Any]) -> None:
         problems = []
