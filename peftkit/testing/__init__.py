@@ -1,7 +1,7 @@
 """Test kit for peftkit and its plugins: tiny models and the injector conformance suite."""
 
 from peftkit.testing.conformance import CHECKS, MERGE_TOLERANCE, check_injector, train_steps
-from peftkit.testing.models import MODEL_FACTORIES, sample_batch, tiny_gpt2, tiny_llama
+from peftkit.testing.models import FAMILIES, MODEL_FACTORIES, sample_batch, tiny_family_model, tiny_gpt2, tiny_llama
 from peftkit.testing.tokenizers import tiny_tokenizer
 
 __all__ = [
@@ -9,7 +9,9 @@ __all__ = [
     "MERGE_TOLERANCE",
     "check_injector",
     "train_steps",
+    "FAMILIES",
     "MODEL_FACTORIES",
+    "tiny_family_model",
     "sample_batch",
     "tiny_gpt2",
     "tiny_llama",

@@ -7,7 +7,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-__all__ = ["tiny_llama", "tiny_gpt2", "MODEL_FACTORIES", "sample_batch"]
+__all__ = ["tiny_llama", "tiny_gpt2", "tiny_family_model", "FAMILIES", "MODEL_FACTORIES", "sample_batch"]
 
 
 def tiny_llama(seed: int = 0, **overrides: Any) -> nn.Module:
@@ -53,6 +53,30 @@ def tiny_gpt2(seed: int = 0, **overrides: Any) -> nn.Module:
     config.update(overrides)
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(GPT2Config(**config))
+    return model.eval()
+
+
+FAMILIES = ("opt", "gpt_neox", "falcon", "bloom")
+
+
+def tiny_family_model(architecture: str, seed: int = 0) -> nn.Module:
+    """A 2-layer causal LM of another family (``"opt"``, ``"gpt_neox"``, ``"falcon"``, ``"bloom"``), for layout tables."""
+    import transformers as tf
+
+    if architecture not in FAMILIES:
+        raise ValueError(f"unknown architecture {architecture!r}; choose one of {', '.join(FAMILIES)}")
+    torch.manual_seed(seed)
+    common = dict(vocab_size=128, hidden_size=32, num_attention_heads=4, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if architecture == "opt":
+        config = tf.OPTConfig(num_hidden_layers=2, ffn_dim=64, word_embed_proj_dim=32, dropout=0.0, **common)
+        model = tf.OPTForCausalLM(config)
+    elif architecture == "gpt_neox":
+        model = tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(num_hidden_layers=2, intermediate_size=64, **common))
+    elif architecture == "falcon":
+        model = tf.FalconForCausalLM(tf.FalconConfig(num_hidden_layers=2, **common))
+    else:
+        common["n_head"] = common.pop("num_attention_heads")
+        model = tf.BloomForCausalLM(tf.BloomConfig(n_layer=2, **common))
     return model.eval()
 
 

@@ -10,7 +10,7 @@ from torch import nn
 
 import peftkit
 from peftkit.errors import OptionsError, TargetError
-from peftkit.testing import CHECKS, check_injector, sample_batch, tiny_gpt2, tiny_llama, train_steps
+from peftkit.testing import CHECKS, check_injector, sample_batch, tiny_family_model, tiny_gpt2, tiny_llama, train_steps
 from peftkit_plugins.ia3 import IA3Layer, ia3_targets
 from peftkit_plugins.ia3.options import IA3Options
 
@@ -30,21 +30,7 @@ SAME_DEFAULTS_AS_PEFT = ["llama", "gpt2", "gpt_neox", "falcon", "bloom"]
 
 def _tiny(architecture: str):
     """A 2-layer model of another architecture family, to check the default layout table."""
-    import transformers as tf
-
-    torch.manual_seed(0)
-    common = dict(vocab_size=128, hidden_size=32, num_attention_heads=4, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    if architecture == "opt":
-        config = tf.OPTConfig(num_hidden_layers=2, ffn_dim=64, word_embed_proj_dim=32, dropout=0.0, **common)
-        model = tf.OPTForCausalLM(config)
-    elif architecture == "gpt_neox":
-        model = tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(num_hidden_layers=2, intermediate_size=64, **common))
-    elif architecture == "falcon":
-        model = tf.FalconForCausalLM(tf.FalconConfig(num_hidden_layers=2, **common))
-    else:
-        common["n_head"] = common.pop("num_attention_heads")
-        model = tf.BloomForCausalLM(tf.BloomConfig(n_layer=2, **common))
-    return model.eval()
+    return tiny_family_model(architecture)
 
 
 ALL_MODELS = {**MODELS, **{arch: functools.partial(_tiny, arch) for arch in ["opt", "gpt_neox", "falcon", "bloom"]}}
