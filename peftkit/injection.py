@@ -7,8 +7,9 @@ modules) keeps each method's ``inject`` short and free of core internals.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
+import torch
 from torch import nn
 
 from peftkit.errors import TargetError
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
     from peftkit.plugins import PluginManager
     from peftkit.tuned_model import TunedModel
 
-__all__ = ["InjectionContext", "replace_module", "layer_shape"]
+__all__ = ["InjectionContext", "replace_module", "layer_shape", "copy_adapter_tensors"]
 
 
 def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -27,6 +28,23 @@ def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, new)
+
+
+def copy_adapter_tensors(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> None:
+    """Copy saved ``state`` into the adapter tensors ``expected``, strictly (for ``load_adapter_state_dict``).
+
+    :raises KeyError: listing missing and unexpected keys.
+    :raises ValueError: naming a tensor whose shape differs.
+    """
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise KeyError(f"missing {missing}, unexpected {unexpected}")
+    with torch.no_grad():
+        for key, param in expected.items():
+            if tuple(state[key].shape) != tuple(param.shape):
+                raise ValueError(f"{key} has shape {tuple(state[key].shape)}, expected {tuple(param.shape)}")
+            param.copy_(state[key])
 
 
 def layer_shape(module: nn.Module) -> list[int]:

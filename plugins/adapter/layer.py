@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftkit.errors import MergeNotSupportedError
+from peftkit.injection import copy_adapter_tensors
 from peftkit.targeting import innermost_base
 from peftkit_plugins.adapter.options import AdapterOptions
 
@@ -109,15 +110,7 @@ class BottleneckAdapterLayer(nn.Module):
 
     def load_adapter_state_dict(self, name: str, state: Mapping[str, torch.Tensor]) -> None:
         expected = self._tensors(name)
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        if missing or unexpected:
-            raise KeyError(f"missing {missing}, unexpected {unexpected}")
-        with torch.no_grad():
-            for key, param in expected.items():
-                if tuple(state[key].shape) != tuple(param.shape):
-                    raise ValueError(f"{key} has shape {tuple(state[key].shape)}, expected {tuple(param.shape)}")
-                param.copy_(state[key])
+        copy_adapter_tensors(expected, state)
 
     def delete_adapter(self, name: str) -> None:
         del self.adapter_down[name]

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from peftkit.injection import copy_adapter_tensors
 from peftkit_plugins.lora.dropout import dropout_linear
 from peftkit_plugins.lora.options import LoraOptions
 
@@ -95,15 +96,7 @@ class LoraLayer(nn.Module):
 
     def load_adapter_state_dict(self, name: str, state: Mapping[str, torch.Tensor]) -> None:
         expected = {"lora_A.weight": self.lora_A[name], "lora_B.weight": self.lora_B[name]}
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        if missing or unexpected:
-            raise KeyError(f"missing {missing}, unexpected {unexpected}")
-        with torch.no_grad():
-            for key, param in expected.items():
-                if tuple(state[key].shape) != tuple(param.shape):
-                    raise ValueError(f"{key} has shape {tuple(state[key].shape)}, expected {tuple(param.shape)}")
-                param.copy_(state[key])
+        copy_adapter_tensors(expected, state)
 
     def delete_adapter(self, name: str) -> None:
         # Never touches the base weight: merge_and_unload relies on that.
