@@ -2,6 +2,7 @@
 
 from peftkit.testing.conformance import CHECKS, MERGE_TOLERANCE, check_injector, train_steps
 from peftkit.testing.models import FAMILIES, MODEL_FACTORIES, sample_batch, tiny_family_model, tiny_gpt2, tiny_llama
+from peftkit.testing.reference import greedy_by_full_forward
 from peftkit.testing.tokenizers import tiny_tokenizer
 
 __all__ = [
@@ -9,6 +10,7 @@ __all__ = [
     "MERGE_TOLERANCE",
     "check_injector",
     "train_steps",
+    "greedy_by_full_forward",
     "FAMILIES",
     "MODEL_FACTORIES",
     "tiny_family_model",

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from peftkit.compat import CACHE_NAMES, cache_argument
 from peftkit.errors import AdapterError
 
 __all__ = ["KVGeometry", "find_backbone", "attention_modules", "cached_keys_values", "input_embedding_weight"]
@@ -82,7 +83,8 @@ def _takes_tokens_and_cache(module: nn.Module) -> bool:
         parameters = inspect.signature(module.forward).parameters
     except (TypeError, ValueError):
         return False
-    return "past_key_values" in parameters and ("input_ids" in parameters or "inputs_embeds" in parameters)
+    takes_cache = any(name in parameters for name in CACHE_NAMES)
+    return takes_cache and ("input_ids" in parameters or "inputs_embeds" in parameters)
 
 
 def input_embedding_weight(module: nn.Module) -> torch.Tensor:
@@ -125,7 +127,7 @@ def cached_keys_values(backbone: nn.Module, token_ids: torch.Tensor, config: Any
     try:
         with torch.no_grad():
             cache = DynamicCache(config=config)
-            backbone(input_ids=token_ids.unsqueeze(0), past_key_values=cache, use_cache=True)
+            backbone(input_ids=token_ids.unsqueeze(0), use_cache=True, **{cache_argument(backbone.forward): cache})
     finally:
         backbone.train(was_training)
     per_layer = []

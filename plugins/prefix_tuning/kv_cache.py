@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 import torch
 
+from peftkit.compat import output_cache_field
 from peftkit.errors import AdapterError
 
 __all__ = ["add_prefix_to_inputs", "drop_unrequested_cache", "prefix_owner"]
@@ -60,6 +61,7 @@ def _batch_and_length(arguments: dict[str, Any]) -> tuple[int, int, torch.device
 def add_prefix_to_inputs(
     arguments: dict[str, Any],
     *,
+    cache_name: str,
     owner: tuple[str, int],
     num_virtual_tokens: int,
     prefix: Callable[[], torch.Tensor],
@@ -69,6 +71,7 @@ def add_prefix_to_inputs(
     """Rewrite a backbone call's ``arguments`` (in place) so the model sees the prefixes as cached tokens.
 
     :param arguments: the bound arguments of the backbone's forward.
+    :param cache_name: the name the backbone takes the cache under (``cache`` or ``past_key_values``).
     :param owner: ``(adapter name, id of the module holding it)``, checked when a filled cache comes back.
     :param num_virtual_tokens: ``P``.
     :param prefix: returns the ``(L, 2, H_kv, P, D)`` prefixes (called only when a cache is filled).
@@ -82,11 +85,11 @@ def add_prefix_to_inputs(
 
     batch, length, device = _batch_and_length(arguments)
     P = num_virtual_tokens
-    cache = arguments.get("past_key_values")
+    cache = arguments.get(cache_name)
 
     if cache is None:
         cache = DynamicCache(config=config)
-        arguments["past_key_values"] = cache
+        arguments[cache_name] = cache
         use_cache = arguments.get("use_cache")
         if not (use_cache if use_cache is not None else getattr(config, "use_cache", True)):
             _UNREQUESTED.add(cache)
@@ -154,9 +157,10 @@ _CONTINUATION_HINT = (
 
 
 def drop_unrequested_cache(output: Any) -> Any:
-    """``output`` without ``past_key_values`` if that cache was only made to carry the prefix (``use_cache=False``)."""
-    cache = getattr(output, "past_key_values", None)
+    """``output`` without its cache if that cache was only made to carry the prefix (``use_cache=False``)."""
+    field = output_cache_field(output)
+    cache = None if field is None else output.get(field)
     if cache is None or cache not in _UNREQUESTED:
         return output
     # ModelOutput forbids deleting keys and keeps None-valued ones out of its tuple form: rebuild it.
-    return type(output)(**{key: value for key, value in output.items() if key != "past_key_values"})
+    return type(output)(**{key: value for key, value in output.items() if key != field})

@@ -22,6 +22,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from peftkit.compat import cache_argument, find_cache, pop_cache
 from peftkit.errors import AdapterError, MergeNotSupportedError
 from peftkit_plugins.prefix_tuning.backbone import KVGeometry, input_embedding_weight
 from peftkit_plugins.prefix_tuning.kv_cache import add_prefix_to_inputs, drop_unrequested_cache, prefix_owner
@@ -91,6 +92,7 @@ class PrefixTuningLayer(nn.Module):
 
         # The signature lets the hook find arguments however the caller passed them.
         self._signature = inspect.signature(backbone.forward)
+        self._cache_name = cache_argument(backbone.forward) or "past_key_values"
         self._config = config
         self._hook = backbone.register_forward_pre_hook(self._before_backbone_forward, with_kwargs=True)
         self._output_hook = backbone.register_forward_hook(self._after_backbone_forward)
@@ -128,7 +130,7 @@ class PrefixTuningLayer(nn.Module):
 
     # ----------------------------------------------------------- the hook
     def _before_backbone_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        cache = kwargs.get("past_key_values")
+        cache = find_cache(kwargs)
         if not self._active:
             filled = prefix_owner(cache)
             if filled is not None and filled[0] == (self.adapter_name, id(self)):
@@ -146,8 +148,14 @@ class PrefixTuningLayer(nn.Module):
         arguments = bound.arguments
         var_keyword = [p.name for p in self._signature.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD]
         extra = arguments.pop(var_keyword[0], {}) if var_keyword else {}
+        # The caller may use either name for the cache (transformers >= 5.24 calls it ``cache``).
+        cache = pop_cache(arguments)
+        cache = pop_cache(extra) if cache is None else cache
+        if cache is not None:
+            arguments[self._cache_name] = cache
         add_prefix_to_inputs(
             arguments,
+            cache_name=self._cache_name,
             owner=(self.adapter_name, id(self)),
             num_virtual_tokens=self.num_virtual_tokens,
             prefix=self.prefixes,

@@ -46,6 +46,7 @@ from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
 import torch
 from torch import nn
 
+from peftkit.compat import find_cache
 from peftkit.errors import MergeNotSupportedError, TargetError
 
 __all__ = [
@@ -170,7 +171,7 @@ class VirtualTokenInserter:
             return None  # let the decoder raise its own error
         batch, length = (inputs_embeds if inputs_embeds is not None else input_ids).shape[:2]
         device = (inputs_embeds if inputs_embeds is not None else input_ids).device
-        cache = kw.get("past_key_values")
+        cache = find_cache(kw)
         past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
         mask = kw.get("attention_mask")
         if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2):
