@@ -16,11 +16,12 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     rows = []
     for name, reg in sorted(pm.injectors().items()):
         package = f"{reg.package} {reg.version}" if reg.package else "(registered in code)"
-        rows.append((name, f"{reg.plugin} [{package}]", reg.obj.description))
+        lr = getattr(reg.obj, "recommended_lr", None)
+        rows.append((name, f"{reg.plugin} [{package}]", "-" if lr is None else f"{lr:g}", reg.obj.description))
     if not rows:
         print("no methods installed")
         return 1
-    _print_table(("method", "plugin [package version]", "description"), rows)
+    _print_table(("method", "plugin [package version]", "lr (auto)", "description"), rows)
     objectives = sorted(pm.objectives().items())
     if objectives:
         print()

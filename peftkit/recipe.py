@@ -105,6 +105,10 @@ class DataConfig:
         return problems
 
 
+#: The learning rate of ``train.lr: auto`` for a method that recommends none.
+DEFAULT_LR = 2e-4
+
+
 @dataclass
 class TrainConfig:
     """``train``: the optimisation loop."""
@@ -113,7 +117,7 @@ class TrainConfig:
     epochs: float = 1.0
     batch_size: int = 8  # examples per micro-batch, per process
     gradient_accumulation_steps: int = 1
-    lr: float = 2e-4
+    lr: float | Literal["auto"] = "auto"  # auto: the method's recommended_lr (DEFAULT_LR if it has none)
     scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "linear"
     warmup_steps: int = 0
     weight_decay: float = 0.0
@@ -133,8 +137,8 @@ class TrainConfig:
             problems.append(f"train.max_steps = {self.max_steps!r} must be >= 1 or null")
         if self.max_steps is None and self.epochs <= 0:
             problems.append(f"train.epochs = {self.epochs!r} must be > 0 when train.max_steps is null")
-        if self.lr <= 0:
-            problems.append(f"train.lr = {self.lr!r} must be > 0")
+        if self.lr != "auto" and self.lr <= 0:
+            problems.append(f"train.lr = {self.lr!r} must be > 0 or auto")
         if self.warmup_steps < 0 or self.weight_decay < 0:
             problems.append("train.warmup_steps and train.weight_decay must be >= 0")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
@@ -276,7 +280,7 @@ def _check_section(name: str, cls: type, values: Any, problems: list[str]) -> An
         if not check_value(value, tp):
             problems.append(f"{name}.{key} = {value!r} is not valid; expected {_type_name(tp)}")
             continue
-        if tp is float and isinstance(value, int):
+        if isinstance(value, int) and not isinstance(value, bool) and (tp is float or float in typing.get_args(tp)):
             value = float(value)
         kwargs[key] = value
     instance = cls(**kwargs)
@@ -342,7 +346,13 @@ def recipe_from_dict(raw: Any, *, source: str = "<dict>", base_dirs: Sequence[Pa
             setattr(data, key, resolved)
     if problems:
         raise RecipeError(source, problems)
-    return Recipe(**sections, method_options=method_options, objective_options=objective_options, source=source)
+    notes = []
+    train: TrainConfig = sections["train"]
+    if train.lr == "auto":
+        injector = pm.injectors()[sections["method"].name].obj
+        train.lr = float(getattr(injector, "recommended_lr", DEFAULT_LR))
+        notes.append(f"train.lr: auto -> {train.lr:g} (the recommended learning rate of method {sections['method'].name!r})")
+    return Recipe(**sections, method_options=method_options, objective_options=objective_options, source=source, notes=notes)
 
 
 def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = (), *, plugin_manager: Any = None) -> Recipe:
@@ -369,5 +379,5 @@ def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = (), *, plugi
         raise
     if problems:
         raise RecipeError(str(path), problems)
-    recipe.notes = notes
+    recipe.notes = notes + recipe.notes
     return recipe

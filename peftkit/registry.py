@@ -30,6 +30,9 @@ class Injector(Protocol):
         merge_refusal: (optional) why merge is impossible, shown when a user asks.
         peft_format: (optional) a :class:`peftkit.interop.PeftFormat` converting
             adapters to and from Hugging Face peft's directory format.
+        recommended_lr: (optional) the AdamW learning rate a recipe with
+            ``train.lr: auto`` uses for this method (methods differ by more than
+            10x: prompt tuning moves a few embeddings, LoRA low-rank updates).
     """
 
     name: str

@@ -226,7 +226,7 @@ class Trainer:
                 )
             self.tuned = peftkit.load(model, checkpoint / ADAPTER_DIR, is_trainable=True)
         else:
-            self.tuned = peftkit.wrap(model, recipe.method.name, **options_to_dict(recipe.method_options))
+            self.tuned = self.build_adapter(model)
         self.tuned.train()
         if train_cfg.gradient_checkpointing:
             enable_gradient_checkpointing(self.tuned)
@@ -258,6 +258,17 @@ class Trainer:
         self.eval_loss_before: float | None = None
         if self.resume:
             self._load_checkpoint(checkpoint)
+
+    def build_adapter(self, model: nn.Module) -> nn.Module:
+        """The model the loop trains: ``model`` with a fresh adapter of ``recipe.method``.
+
+        Override it to train something else under the same loop (the benchmarks
+        train a ``peft`` model this way). The result must be a module with
+        ``trainable_parameters()`` and ``save(directory, training=...)``.
+        """
+        import peftkit
+
+        return peftkit.wrap(model, self.recipe.method.name, **options_to_dict(self.recipe.method_options))
 
     def _prepare_data(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         data = self.recipe.data

@@ -71,6 +71,7 @@ class AdapterInjector:
     description = "Bottleneck adapters h + W_up f(W_down h) after attention/FFN outputs (Houlsby et al., 2019)"
     options = AdapterOptions
     supports_merge = False
+    recommended_lr = 1e-3  # train.lr: auto; bottleneck MLPs with a zero-initialised up-projection, as LoRA
     merge_refusal = MERGE_REFUSAL
 
     def inject(self, context: InjectionContext, options: AdapterOptions) -> None:

@@ -101,6 +101,7 @@ class IA3Injector:
     description = "(IA)^3: learned vectors rescale keys, values and FFN activations (Liu et al., 2022); exact merge"
     options = IA3Options
     supports_merge = True
+    recommended_lr = 1e-2  # train.lr: auto; scaling vectors that start at 1: small relative steps need a larger rate
     peft_format = IA3PeftFormat()
 
     def inject(self, context: InjectionContext, options: IA3Options) -> None:

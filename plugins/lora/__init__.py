@@ -44,6 +44,7 @@ class LoraInjector:
     description = "LoRA: low-rank updates B·A added to Linear layers (Hu et al., 2021); exact merge"
     options = LoraOptions
     supports_merge = True
+    recommended_lr = 1e-3  # train.lr: auto; low-rank updates of every linear layer; tuned on SmolLM2-135M SFT
     peft_format = LoraPeftFormat()
 
     def inject(self, context: InjectionContext, options: LoraOptions) -> None:

@@ -44,6 +44,7 @@ class PTuningInjector:
     options = PTuningOptions
     peft_format = PTuningPeftFormat()
     supports_merge = False
+    recommended_lr = 3e-3  # train.lr: auto; the prompt encoder MLP/LSTM sits between the rates of weight- and prompt-side methods
     merge_refusal = MERGE_REFUSAL
 
     def inject(self, context: InjectionContext, options: PTuningOptions) -> None:

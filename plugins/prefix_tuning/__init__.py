@@ -108,6 +108,7 @@ class PrefixTuningInjector:
     description = "Prefix tuning: trainable key/value prefixes in every attention layer (Li & Liang, 2021)"
     options = PrefixTuningOptions
     supports_merge = False
+    recommended_lr = 1e-2  # train.lr: auto; per-layer key/value prefixes of activation magnitude
     merge_refusal = MERGE_REFUSAL
     peft_format = PrefixTuningPeftFormat()
 

@@ -41,6 +41,7 @@ class PromptTuningInjector:
     options = PromptTuningOptions
     peft_format = PromptTuningPeftFormat()
     supports_merge = False
+    recommended_lr = 3e-2  # train.lr: auto; a few virtual-token embeddings carry the whole adaptation (peft's examples use 3e-2)
     merge_refusal = MERGE_REFUSAL
 
     def inject(self, context: InjectionContext, options: PromptTuningOptions) -> None:

@@ -66,6 +66,7 @@ class QLoraInjector:
     description = "QLoRA: LoRA on a 4-bit NF4 base (Dettmers et al., 2023); merges into a dequantized copy"
     options = QLoraOptions
     supports_merge = True
+    recommended_lr = 1e-3  # train.lr: auto; as LoRA: the same low-rank updates, on a 4-bit base
 
     def inject(self, context: InjectionContext, options: QLoraOptions) -> None:
         import torch

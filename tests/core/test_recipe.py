@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from peftkit.recipe import RecipeError, apply_overrides, load_recipe, recipe_from_dict
+import peftkit
+from peftkit.recipe import DEFAULT_LR, RecipeError, apply_overrides, load_recipe, recipe_from_dict
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
@@ -56,7 +57,7 @@ def test_every_problem_is_reported_at_once(tmp_path):
     assert "data.max_lenght is not a recipe key (did you mean 'max_length'?)" in text
     assert "outptu is not a recipe section (did you mean 'output'?)" in text
     assert "train.batch_size = 'eight' is not valid; expected int" in text
-    assert "train.lr = 0.0 must be > 0" in text
+    assert "train.lr = 0.0 must be > 0 or auto" in text
     assert any(p.startswith("method.options (method 'lora'): ") and "'r'" in p for p in problems)
     assert any("'alpah'" in p and "did you mean 'alpha'" in p for p in problems)
     assert len(problems) == 7
@@ -78,6 +79,22 @@ def test_overrides_parse_yaml_values_and_a_method_switch_drops_the_old_options(t
     assert any("dropped" in n for n in recipe.notes)
     recipe = load_recipe(path, ["method.options.r=16"])
     assert recipe.method_options.r == 16
+
+
+def test_lr_auto_takes_the_method_recommendation_and_follows_a_method_switch(tmp_path, register_plugin, make_method_plugin):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"method": {"name": "lora"}, "train": {"lr": "auto"}, "data": {"train": _data_file(tmp_path)}}))
+    pm = peftkit.plugin_manager()
+    lora_lr = pm.injectors()["lora"].obj.recommended_lr
+    recipe = load_recipe(path)
+    assert recipe.train.lr == lora_lr
+    assert any("train.lr: auto" in note and "'lora'" in note for note in recipe.notes)
+    assert recipe.to_dict()["train"]["lr"] == lora_lr  # the run's recipe.yaml records the number
+    switched = load_recipe(path, ["method.name=prompt_tuning"])
+    assert switched.train.lr == pm.injectors()["prompt_tuning"].obj.recommended_lr != lora_lr
+    assert load_recipe(path, ["train.lr=5e-4"]).train.lr == 5e-4  # an explicit rate wins
+    register_plugin(make_method_plugin("no_advice"))  # a method without recommended_lr
+    assert load_recipe(path, ["method.name=no_advice"]).train.lr == DEFAULT_LR
 
 
 def test_malformed_overrides_are_reported_with_the_other_problems(tmp_path):
@@ -113,6 +130,6 @@ def test_cli_validate_and_recipes(capsys, monkeypatch):
     assert "note: method.name overridden" in out and "method ia3" in out and "3 steps" in out
     assert main(["validate", "recipes/sft-lora.yaml", "train.lr=-1", "train.bogus=1"]) == 2
     err = capsys.readouterr().err
-    assert "train.lr = -1.0 must be > 0" in err and "train.bogus is not a recipe key" in err
+    assert "train.lr = -1.0 must be > 0 or auto" in err and "train.bogus is not a recipe key" in err
     assert main(["recipes"]) == 0
     assert "recipes/sft-lora.yaml" in capsys.readouterr().out
