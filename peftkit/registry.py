@@ -62,10 +62,21 @@ class Objective(Protocol):
     * ``loss(model, batch, options)`` per micro-batch, in training (with grad)
       and evaluation (without): returns an :class:`ObjectiveLoss`.
 
-    An objective that needs a loop of its own (PPO: rollouts, then several
-    optimisation epochs over them) may also define ``run(trainer, options)``;
-    the trainer then hands it the model, optimizer, data and checkpointing
-    helpers and calls it instead of its own loop.
+    Optional steps, each called only if the objective defines it:
+
+    * ``setup_model(tuned, options, *, checkpoint)`` after the adapter is made
+      (or loaded for ``--resume``) and before the optimizer sees the
+      parameters: add trainable modules of the objective's own (the reward
+      head); ``checkpoint`` is the checkpoint's adapter directory on resume,
+      else ``None``, so they can be restored;
+    * ``save_extras(tuned, directory, options)`` after every adapter the
+      trainer saves (each checkpoint and the final adapter);
+    * ``eval_metrics(model, examples, tokenizer, options)`` -> ``{name: float}``
+      at every evaluation, logged beside ``eval_loss`` (runs without grad);
+    * ``run(trainer, options)``: a loop of its own (PPO: rollouts, then
+      several optimisation epochs over them); the trainer hands it the model,
+      optimizer, data and checkpointing helpers and calls it instead of its
+      own loop.
 
     Attributes:
         name: the name recipes use (``objective.name: sft``).

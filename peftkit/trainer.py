@@ -27,7 +27,7 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -44,12 +44,25 @@ from peftkit.recipe import Recipe
 from peftkit.registry import ObjectiveLoss
 from peftkit.serialization import atomic_directory
 
-__all__ = ["Trainer", "TrainResult", "TrainingError", "train", "enable_gradient_checkpointing", "make_scheduler"]
+__all__ = [
+    "Trainer",
+    "TrainResult",
+    "TrainingError",
+    "train",
+    "enable_gradient_checkpointing",
+    "make_scheduler",
+    "rng_state",
+    "set_rng_state",
+]
 
 ADAPTER_DIR = "adapter"
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "trainer_state.pt"
 METRICS_FILE = "metrics.jsonl"
+RECIPE_FILE = "recipe.yaml"
+
+#: Recipe keys a resumed run may change: they do not touch what is trained or how.
+RESUME_MAY_CHANGE = ("output.", "train.eval_batch_size", "train.cpu")
 
 
 class TrainingError(PeftkitError, RuntimeError):
@@ -68,6 +81,7 @@ class TrainResult:
     train_loss: float | None
     seconds: float
     tokens_per_second: float
+    metrics: dict[str, float] = field(default_factory=dict)  # the final held-out metrics (eval_loss and the objective's)
 
 
 class _ObjectiveStep(nn.Module):
@@ -83,7 +97,8 @@ class _ObjectiveStep(nn.Module):
         return self.objective.loss(self.tuned, batch, self.options)
 
 
-def _rng_state() -> dict[str, Any]:
+def rng_state() -> dict[str, Any]:
+    """Every RNG state a run draws from (python, numpy, torch, CUDA), for a checkpoint."""
     import numpy as np
 
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -95,7 +110,8 @@ def _rng_state() -> dict[str, Any]:
     }
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
     import numpy as np
 
     random.setstate(state["python"])
@@ -104,6 +120,25 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def recipe_changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """``key.path: old -> new`` for every recipe value that differs, but those in :data:`RESUME_MAY_CHANGE`."""
+
+    def flat(node: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(node, dict):
+            return {prefix[:-1]: node}
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(flat(value, f"{prefix}{key}."))
+        return out
+
+    old, new = flat(before), flat(after)
+    return [
+        f"{key}: {old.get(key, '(unset)')!r} -> {new.get(key, '(unset)')!r}"
+        for key in sorted(old.keys() | new.keys())
+        if old.get(key) != new.get(key) and not key.startswith(RESUME_MAY_CHANGE)
+    ]
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, name: str, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -201,6 +236,9 @@ class Trainer:
         from accelerate.utils import set_seed
 
         recipe, train_cfg = self.recipe, self.recipe.train
+        checkpoint = self.output_dir / CHECKPOINT_DIR
+        if self.resume:  # before the model loads: a wrong resume should fail in a second
+            self._check_resumable(checkpoint)
         set_seed(train_cfg.seed)  # python, numpy and torch: the adapter's initialisation depends on it
 
         # ---- base model, loaded straight into whatever form the method needs (e.g. 4-bit)
@@ -217,16 +255,13 @@ class Trainer:
         self.tokenizer = tokenizer
 
         # ---- adapter: fresh, or the checkpoint's (training form, so e.g. reparameterisations come back too)
-        checkpoint = self.output_dir / CHECKPOINT_DIR
         if self.resume:
-            if not (checkpoint / STATE_FILE).is_file():
-                raise TrainingError(
-                    f"cannot resume: no checkpoint at {checkpoint} (output.dir = {recipe.output.dir!r}); "
-                    "run without --resume to start, or point output.dir at the run to continue"
-                )
             self.tuned = peftkit.load(model, checkpoint / ADAPTER_DIR, is_trainable=True)
         else:
             self.tuned = self.build_adapter(model)
+        setup_model = getattr(self.objective, "setup_model", None)
+        if callable(setup_model):  # e.g. the reward head: before the optimizer sees the parameters
+            setup_model(self.tuned, self.objective_options, checkpoint=checkpoint / ADAPTER_DIR if self.resume else None)
         self.tuned.train()
         if train_cfg.gradient_checkpointing:
             enable_gradient_checkpointing(self.tuned)
@@ -258,6 +293,25 @@ class Trainer:
         self.eval_loss_before: float | None = None
         if self.resume:
             self._load_checkpoint(checkpoint)
+
+    def _check_resumable(self, checkpoint: Path) -> None:
+        """Refuse to resume without a checkpoint, or with a recipe that differs from the one that wrote it."""
+        if not (checkpoint / STATE_FILE).is_file():
+            raise TrainingError(
+                f"cannot resume: no checkpoint at {checkpoint} (output.dir = {self.recipe.output.dir!r}); "
+                "run without --resume to start, or point output.dir at the run to continue"
+            )
+        saved = checkpoint / RECIPE_FILE
+        if not saved.is_file():  # a checkpoint from before the recipe was kept in it
+            return
+        changes = recipe_changes(yaml.safe_load(saved.read_text()), self.recipe.to_dict())
+        if changes:
+            raise TrainingError(
+                f"cannot resume the run in {self.output_dir}: the recipe differs from the one its checkpoint was "
+                "written with, so the resumed run would not continue that run:\n"
+                + "\n".join(f"  - {change}" for change in changes)
+                + f"\nresume with the original values (they are in {saved}), or start a new run in another output.dir"
+            )
 
     def build_adapter(self, model: nn.Module) -> nn.Module:
         """The model the loop trains: ``model`` with a fresh adapter of ``recipe.method``.
@@ -315,6 +369,28 @@ class Trainer:
         self.tuned.train(was_training)
         return total / count if count else None
 
+    def evaluate_and_log(self) -> dict[str, float]:
+        """Held-out loss plus the objective's own held-out metrics (``eval_metrics``), logged at the current step."""
+        metrics: dict[str, float] = {}
+        loss = self.evaluate()
+        if loss is not None:
+            metrics["eval_loss"] = loss
+        eval_metrics = getattr(self.objective, "eval_metrics", None)
+        if callable(eval_metrics) and self.eval_examples:
+            was_training = self.tuned.training
+            self.tuned.eval()
+            with torch.no_grad(), self.accelerator.autocast():
+                metrics.update(eval_metrics(self.tuned, self.eval_examples, self.tokenizer, self.objective_options))
+            self.tuned.train(was_training)
+        if metrics:
+            self.log({"step": self.step, **metrics})
+        return metrics
+
+    def _save_extras(self, directory: Path) -> None:
+        save_extras = getattr(self.objective, "save_extras", None)
+        if callable(save_extras):
+            save_extras(self.tuned, directory, self.objective_options)
+
     def log(self, record: dict[str, Any]) -> None:
         """Append one record to ``metrics.jsonl`` and tell the ``peftkit_on_log`` hook (main process)."""
         self.history.append(record)
@@ -331,12 +407,14 @@ class Trainer:
         if self.accelerator.is_main_process:
             with atomic_directory(self.output_dir / CHECKPOINT_DIR) as tmp:
                 self.tuned.save(tmp / ADAPTER_DIR, training=True)
+                self._save_extras(tmp / ADAPTER_DIR)
+                (tmp / RECIPE_FILE).write_text(yaml.safe_dump(self.recipe.to_dict(), sort_keys=False))
                 state = {
                     "step": self.step,
                     "data": self.order.state_dict(),
                     "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(),
-                    "rng": _rng_state(),
+                    "rng": rng_state(),
                     "eval_loss_before": self.eval_loss_before,
                 }
                 torch.save(state, tmp / STATE_FILE)
@@ -349,7 +427,7 @@ class Trainer:
         self.order.load_state_dict(state["data"])
         self.step = int(state["step"])
         self.eval_loss_before = state["eval_loss_before"]
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         # Lines the interrupted run logged after its checkpoint are replayed, so they go.
         if self.accelerator.is_main_process and self.metrics_path.is_file():
             kept = [line for line in self.metrics_path.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
@@ -374,7 +452,7 @@ class Trainer:
             self.setup()
         if self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "recipe.yaml").write_text(yaml.safe_dump(self.recipe.to_dict(), sort_keys=False))
+            (self.output_dir / RECIPE_FILE).write_text(yaml.safe_dump(self.recipe.to_dict(), sort_keys=False))
             if not self.resume and self.metrics_path.exists():
                 self.metrics_path.unlink()
         run = getattr(self.objective, "run", None)
@@ -388,9 +466,7 @@ class Trainer:
         train_cfg, out_cfg, accel = self.recipe.train, self.recipe.output, self.accelerator
         accum = train_cfg.gradient_accumulation_steps
         if not self.resume:
-            self.eval_loss_before = self.evaluate()
-            if self.eval_loss_before is not None:
-                self.log({"step": 0, "eval_loss": self.eval_loss_before})
+            self.eval_loss_before = self.evaluate_and_log().get("eval_loss")
         batches = self._batches()
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (self.progress and accel.is_main_process), unit="step")
         start_time, tokens_seen, window_loss, window_steps, last_loss = time.perf_counter(), 0, 0.0, 0, None
@@ -440,9 +516,8 @@ class Trainer:
                 bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tps:.0f}")
                 window_loss, window_steps, window_start, window_tokens, window_metrics = 0.0, 0, now, 0, {}
             if out_cfg.eval_every and self.step % out_cfg.eval_every == 0 and self.step < self.total_steps:
-                eval_loss = self.evaluate()
+                eval_loss = self.evaluate_and_log().get("eval_loss")
                 if eval_loss is not None:
-                    self.log({"step": self.step, "eval_loss": eval_loss})
                     bar.set_postfix(loss=f"{last_loss or step_loss:.4f}", eval=f"{eval_loss:.4f}")
             if out_cfg.save_every and self.step % out_cfg.save_every == 0 and self.step < self.total_steps:
                 self.save_checkpoint()
@@ -450,13 +525,13 @@ class Trainer:
 
         # ---- the end: final eval, checkpoint, adapter, plot
         seconds = time.perf_counter() - start_time
-        eval_after = self.evaluate()
-        if eval_after is not None:
-            self.log({"step": self.step, "eval_loss": eval_after})
+        final_metrics = self.evaluate_and_log()
+        eval_after = final_metrics.get("eval_loss")
         self.save_checkpoint()
         adapter_dir = self.output_dir / ADAPTER_DIR
         if accel.is_main_process:
             self.tuned.save(adapter_dir)
+            self._save_extras(adapter_dir)
             if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
                 self.tokenizer.save_pretrained(adapter_dir / "tokenizer")
             if self._given_model is None:  # a model handed in has no name to record
@@ -475,6 +550,7 @@ class Trainer:
             train_loss=last_loss,
             seconds=seconds,
             tokens_per_second=tokens_seen * accel.num_processes / max(seconds, 1e-9),
+            metrics=final_metrics,
         )
 
 

@@ -15,6 +15,8 @@ from typing import Any  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+import peftkit  # noqa: E402
+
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
@@ -65,3 +67,31 @@ def register_plugin():
     for name in names:
         if pm.get_plugin(name) is not None:
             pm.unregister(name=name)
+
+
+class _InterruptAt:
+    """A plugin that interrupts a run when ``step`` is logged with ``metric`` (after that step's update)."""
+
+    def __init__(self, step: int, metric: str):
+        self.step, self.metric = step, metric
+
+    @peftkit.hookimpl
+    def peftkit_on_log(self, step, metrics):
+        if step == self.step and self.metric in metrics:
+            raise KeyboardInterrupt(f"interrupted at step {step}")
+
+
+@pytest.fixture
+def interrupt_at(register_plugin):
+    """Register a plugin that interrupts training at a step (``metric``: the key a training log line has); yields a remover."""
+    names = []
+
+    def install(step: int, metric: str = "loss") -> None:
+        names.append(register_plugin(_InterruptAt(step, metric)))
+
+    def remove() -> None:
+        while names:
+            peftkit.plugin_manager().unregister(name=names.pop())
+
+    install.remove = remove
+    return install

@@ -111,9 +111,7 @@ class PPOObjective:
     # ------------------------------------------------------------------ run
     def run(self, trainer: Any, options: PPOOptions) -> Any:
         from tqdm.auto import tqdm
-        from transformers import get_scheduler
-
-        from peftkit.trainer import ADAPTER_DIR, CHECKPOINT_DIR, STATE_FILE, TrainResult, _set_rng_state
+        from peftkit.trainer import ADAPTER_DIR, CHECKPOINT_DIR, STATE_FILE, TrainResult, make_scheduler, set_rng_state
 
         if trainer.accelerator.num_processes > 1:
             raise PeftkitError("objective 'ppo' runs in one process for now; launch it without torchrun/accelerate launch")
@@ -127,10 +125,10 @@ class PPOObjective:
         if options.sft_adapter and not trainer.resume:
             policy_params = [p for n, p in tuned.named_trainable_parameters() if not n.startswith("heads.")]
             trainer.optimizer = trainer.accelerator.prepare(torch.optim.AdamW(policy_params, lr=cfg.lr, weight_decay=cfg.weight_decay))
-            trainer.scheduler = get_scheduler(cfg.scheduler, trainer.optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=trainer.total_steps)
+            trainer.scheduler = make_scheduler(trainer.optimizer, cfg.scheduler, cfg.warmup_steps, trainer.total_steps)
         value_head = heads_of(tuned)["value"]
         value_optimizer = torch.optim.AdamW(value_head.parameters(), lr=cfg.lr)
-        value_scheduler = get_scheduler(cfg.scheduler, value_optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=trainer.total_steps)
+        value_scheduler = make_scheduler(value_optimizer, cfg.scheduler, cfg.warmup_steps, trainer.total_steps)
         learner = PPOLearner(
             roles, options, [trainer.optimizer, value_optimizer], pad_id=int(tokenizer.pad_token_id),
             stop_ids=stop_token_ids(tokenizer, options.stop_tokens), max_grad_norm=cfg.max_grad_norm,
@@ -149,7 +147,7 @@ class PPOObjective:
             if ptx is not None and state["ptx"] is not None:
                 ptx.load_state_dict(state["ptx"])
             # Loading the reference/reward adapters above drew from the RNG; start from the checkpoint's state.
-            _set_rng_state(torch.load(checkpoint / STATE_FILE, weights_only=False, map_location="cpu")["rng"])
+            set_rng_state(torch.load(checkpoint / STATE_FILE, weights_only=False, map_location="cpu")["rng"])
 
         def save_checkpoint() -> None:
             trainer.save_checkpoint()  # policy adapter (training form), policy optimizer/schedule, RNG, step, data position

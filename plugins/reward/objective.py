@@ -2,15 +2,17 @@
 
 ``loss`` scores every response of the batch with one forward pass (the active
 adapter + its head ``heads[<adapter name>]``) and applies
-:func:`~peftkit_plugins.reward.loss.ranking_loss`. ``run`` wraps the trainer's
-usual loop with what a head needs: it creates the head before the optimizer
-sees the parameters, reports held-out pairwise accuracy and mean margin before
-and after training, and saves the head next to the adapter
-(:mod:`~peftkit_plugins.reward.saving`).
+:func:`~peftkit_plugins.reward.loss.ranking_loss`. The trainer's usual loop
+runs it, with the objective's three optional steps for what a head needs:
+``setup_model`` creates the head before the optimizer sees the parameters (or
+restores the checkpoint's on ``--resume``), ``save_extras`` saves it next to
+every adapter (:mod:`~peftkit_plugins.reward.saving`), and ``eval_metrics``
+reports held-out pairwise accuracy and mean margin with the held-out loss.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -22,7 +24,7 @@ from peftkit_plugins.reward import data as reward_data
 from peftkit_plugins.reward.head import ScalarHead, heads_of, sequence_scores
 from peftkit_plugins.reward.loss import ranking_loss
 from peftkit_plugins.reward.options import RewardOptions
-from peftkit_plugins.reward.saving import save_head
+from peftkit_plugins.reward.saving import load_head, save_head
 
 __all__ = ["RewardObjective", "attach_head", "evaluate_ranking"]
 
@@ -44,7 +46,7 @@ def _head_for(model: nn.Module) -> nn.Module:
     if name not in heads:
         raise PeftkitError(
             f"the reward objective found no head for adapter {name!r}; call "
-            "peftkit_plugins.reward.attach_head(tuned) before training (the trainer's run() does it)"
+            "peftkit_plugins.reward.attach_head(tuned) before training (the trainer does it through setup_model)"
         )
     return heads[name]
 
@@ -84,31 +86,18 @@ class RewardObjective:
         loss, stats = ranking_loss(scores.float(), group_sizes)
         return ObjectiveLoss(loss, len(group_sizes), {"accuracy": stats["accuracy"], "margin": stats["margin"]})
 
-    def run(self, trainer: Any, options: Any) -> Any:
-        """The trainer's own loop, with the head created first and saved last (see the module docstring)."""
-        from transformers import get_scheduler
+    # --------------------------------------------- the trainer's optional steps
+    def setup_model(self, tuned: nn.Module, options: RewardOptions, *, checkpoint: Path | None = None) -> None:
+        """Give the active adapter its head (before the optimizer sees the parameters); on resume, the checkpoint's."""
+        head = attach_head(tuned, seed=options.head_seed)
+        if checkpoint is not None:
+            with torch.no_grad():
+                head.load_state_dict(load_head(checkpoint).state_dict())
 
-        if trainer.resume:
-            raise PeftkitError(
-                "objective 'reward' does not support --resume yet: the trainer's checkpoint holds the adapter but not "
-                "the reward head; rerun without --resume"
-            )
-        tuned, cfg = trainer.tuned, trainer.recipe.train
-        attach_head(tuned, seed=options.head_seed)
-        # The trainer built its optimizer before the head existed; rebuild it (and its schedule) over both.
-        optimizer = torch.optim.AdamW(tuned.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        trainer.scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=trainer.total_steps)
-        trainer.optimizer = trainer.accelerator.prepare(optimizer)
-        before = evaluate_ranking(tuned, trainer.eval_examples, trainer.tokenizer) if trainer.eval_examples else {}
-        if before:
-            trainer.log({"step": 0, **before})
-        result = trainer._sft_style_loop()
-        after = evaluate_ranking(tuned, trainer.eval_examples, trainer.tokenizer) if trainer.eval_examples else {}
-        if after:
-            trainer.log({"step": trainer.step, **after})
-        if trainer.accelerator.is_main_process:
-            head = heads_of(tuned)[tuned.active_adapter]
-            save_head(head, result.adapter_dir)
-            save_head(head, trainer.output_dir / "checkpoint" / "adapter")
-        result.metrics = {**{f"{k}_before": v for k, v in before.items()}, **after}
-        return result
+    def save_extras(self, tuned: nn.Module, directory: Path, options: RewardOptions) -> None:
+        """The head beside every adapter the trainer saves (checkpoint and final)."""
+        save_head(heads_of(tuned)[tuned.active_adapter], directory)
+
+    def eval_metrics(self, model: nn.Module, examples: Sequence[Mapping[str, Any]], tokenizer: Any, options: RewardOptions) -> dict[str, float]:
+        """Held-out pairwise accuracy and mean margin."""
+        return evaluate_ranking(model, examples, tokenizer)

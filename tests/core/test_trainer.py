@@ -70,25 +70,13 @@ def test_training_lowers_the_held_out_loss_and_writes_every_output(tmp_path):
     assert all(torch.equal(final[k], ckpt[k]) for k in final)
 
 
-class _StopAt:
-    """A plugin that interrupts training when a given step is logged (after that step's update)."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    @peftkit.hookimpl
-    def peftkit_on_log(self, step, metrics):
-        if step == self.step and "loss" in metrics:
-            raise KeyboardInterrupt(f"interrupted at step {step}")
-
-
-def test_an_interrupted_and_resumed_run_ends_bit_identical(tmp_path, register_plugin):
+def test_an_interrupted_and_resumed_run_ends_bit_identical(tmp_path, interrupt_at):
     reference = _train(_recipe(tmp_path, out="ref"))
     recipe = _recipe(tmp_path, out="run")
-    name = register_plugin(_StopAt(5))
+    interrupt_at(5)
     with pytest.raises(KeyboardInterrupt):
         _train(recipe)
-    peftkit.plugin_manager().unregister(name=name)
+    interrupt_at.remove()
     state = torch.load(tmp_path / "run" / "checkpoint" / "trainer_state.pt", weights_only=False)
     assert state["step"] == 4  # step 5 ran but was never checkpointed
     resumed = _train(recipe, resume=True)
@@ -103,6 +91,26 @@ def test_an_interrupted_and_resumed_run_ends_bit_identical(tmp_path, register_pl
 def test_resume_without_a_checkpoint_says_what_to_do(tmp_path):
     with pytest.raises(TrainingError, match="run without --resume"):
         _train(_recipe(tmp_path), resume=True)
+
+
+def test_resume_with_a_changed_recipe_is_refused_and_names_every_change(tmp_path, interrupt_at):
+    interrupt_at(3)
+    with pytest.raises(KeyboardInterrupt):
+        _train(_recipe(tmp_path, out="run"))
+    interrupt_at.remove()
+    checkpoint = tmp_path / "run" / "checkpoint"
+    before = {p.name: p.read_bytes() for p in checkpoint.rglob("*") if p.is_file()}
+    changed = _recipe(tmp_path, out="run", lr=5e-3, seed=7)
+    with pytest.raises(TrainingError) as info:
+        _train(changed, resume=True)
+    message = str(info.value)
+    assert "train.lr: 0.01 -> 0.005" in message and "train.seed: 0 -> 7" in message
+    assert "another output.dir" in message and str(checkpoint / "recipe.yaml") in message
+    assert {p.name: p.read_bytes() for p in checkpoint.rglob("*") if p.is_file()} == before  # the checkpoint is untouched
+    # What does not change the training (how often to log, the eval batch size) may change.
+    relaxed = _recipe(tmp_path, out="run", eval_batch_size=2)
+    relaxed.output.log_every = 2
+    assert _train(relaxed, resume=True).steps == 6
 
 
 class _NanObjective:

@@ -305,18 +305,6 @@ def test_options_report_every_problem():
 DATA = Path(__file__).resolve().parents[2] / "data" / "rlhf"
 
 
-class _StopAt:
-    """Interrupts a run when a given step is logged (after that step's update, before any checkpoint of it)."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    @peftkit.hookimpl
-    def peftkit_on_log(self, step, metrics):
-        if step == self.step and "policy_loss" in metrics:
-            raise KeyboardInterrupt(f"interrupted at step {step}")
-
-
 def _ppo_recipe(tmp_path, reward_dir, out, method="lora", method_options=None):
     from peftkit.recipe import recipe_from_dict
 
@@ -338,7 +326,7 @@ def _run(recipe, **kwargs):
 
 
 @pytest.mark.slow
-def test_trainer_runs_ppo_ptx_and_a_resumed_run_ends_bit_identical(tmp_path, register_plugin):
+def test_trainer_runs_ppo_ptx_and_a_resumed_run_ends_bit_identical(tmp_path, interrupt_at):
     from safetensors.torch import load_file
 
     reward_dir = _reward_dir(tmp_path)
@@ -350,10 +338,10 @@ def test_trainer_runs_ppo_ptx_and_a_resumed_run_ends_bit_identical(tmp_path, reg
     assert peftkit.load(tiny_llama(), reference.adapter_dir).adapters == {"default": "lora"}
 
     recipe = _ppo_recipe(tmp_path, reward_dir, "run")
-    name = register_plugin(_StopAt(3))
+    interrupt_at(3, metric="policy_loss")
     with pytest.raises(KeyboardInterrupt):
         _run(recipe)
-    peftkit.plugin_manager().unregister(name=name)
+    interrupt_at.remove()
     assert torch.load(tmp_path / "run" / "checkpoint" / "trainer_state.pt", weights_only=False)["step"] == 2
     resumed = _run(recipe, resume=True)
     ref, got = load_file(str(reference.adapter_dir / "adapter.safetensors")), load_file(str(resumed.adapter_dir / "adapter.safetensors"))

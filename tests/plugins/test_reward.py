@@ -215,3 +215,39 @@ def test_trainer_runs_the_reward_objective_and_saves_the_head(tmp_path):
     fresh = peftkit.TunedModel(tiny_llama())
     head = load_reward_model(fresh, result.adapter_dir)
     assert fresh.adapters == {"reward": "prompt_tuning"} and head.weight.shape == (1, 32)
+
+
+def test_an_interrupted_reward_run_resumes_bit_identical_head_included(tmp_path, interrupt_at):
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from peftkit.recipe import recipe_from_dict
+    from peftkit.trainer import Trainer
+
+    data = Path(__file__).resolve().parents[2] / "data" / "rlhf"
+
+    def recipe(out):
+        return recipe_from_dict({
+            "method": {"name": "lora", "options": {"r": 2, "target_modules": ["q_proj", "v_proj"], "dropout": 0.1}},
+            "objective": {"name": "reward"},
+            "data": {"train": str(data / "preferences.jsonl"), "eval": str(data / "preferences_eval.jsonl"), "max_length": 64,
+                     "max_train_samples": 16},
+            "train": {"max_steps": 4, "batch_size": 2, "lr": 1e-2, "eval_batch_size": 64},
+            "output": {"dir": str(tmp_path / out), "log_every": 1, "save_every": 2, "plot": False},
+        })
+
+    def run(r, **kwargs):
+        return Trainer(r, model=tiny_llama(), tokenizer=char_tokenizer(), progress=False, **kwargs).train()
+
+    reference = run(recipe("ref"))
+    interrupt_at(3)
+    with pytest.raises(KeyboardInterrupt):
+        run(recipe("run"))
+    interrupt_at.remove()
+    assert (tmp_path / "run" / "checkpoint" / "adapter" / "reward_head.safetensors").is_file()  # saved with the checkpoint
+    resumed = run(recipe("run"), resume=True)
+    for name in ("adapter.safetensors", "reward_head.safetensors"):
+        want, got = load_file(str(reference.adapter_dir / name)), load_file(str(resumed.adapter_dir / name))
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), name
+    assert resumed.metrics["eval_accuracy"] == reference.metrics["eval_accuracy"]
