@@ -115,6 +115,7 @@ class PPOObjective:
 
         if trainer.accelerator.num_processes > 1:
             raise PeftkitError("objective 'ppo' runs in one process for now; launch it without torchrun/accelerate launch")
+        self._check_train_settings(trainer.recipe.train)
         tuned, tokenizer, cfg, out = trainer.tuned, trainer.tokenizer, trainer.recipe.train, trainer.recipe.output
         device = trainer.accelerator.device
         checkpoint = trainer.output_dir / CHECKPOINT_DIR
@@ -195,6 +196,23 @@ class PPOObjective:
             eval_loss_after=None, train_loss=last.get("policy_loss"),
             seconds=seconds, tokens_per_second=0.0,
         )
+
+    @staticmethod
+    def _check_train_settings(cfg: Any) -> None:
+        """Refuse loop settings PPO would otherwise ignore silently."""
+        problems = []
+        if cfg.gradient_accumulation_steps != 1:
+            problems.append(
+                f"train.gradient_accumulation_steps = {cfg.gradient_accumulation_steps}: PPO updates once per minibatch "
+                "of the rollout; set it to 1 and size updates with objective.options.minibatch_size"
+            )
+        if cfg.gradient_checkpointing:
+            problems.append(
+                "train.gradient_checkpointing = true: PPO runs the policy in eval mode (no dropout, so update-time "
+                "log-probs match the rollout's), where transformers does not checkpoint; set it to false"
+            )
+        if problems:
+            raise PeftkitError("objective 'ppo' cannot use these train settings:\n" + "\n".join(f"  - {p}" for p in problems))
 
     @staticmethod
     def evaluate(learner: PPOLearner, examples: Sequence[Mapping[str, Any]], batch_size: int) -> dict[str, float]:

@@ -133,3 +133,13 @@ def test_cli_validate_and_recipes(capsys, monkeypatch):
     assert "train.lr = -1.0 must be > 0 or auto" in err and "train.bogus is not a recipe key" in err
     assert main(["recipes"]) == 0
     assert "recipes/sft-lora.yaml" in capsys.readouterr().out
+
+
+def test_python_dash_m_peftkit_is_the_cli():
+    """``python -m peftkit`` (what ``torchrun ... -m peftkit train RECIPE`` runs) is the ``peftkit`` command."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "peftkit", "recipes"], cwd=RECIPES.parent, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "recipes/sft-lora.yaml" in proc.stdout

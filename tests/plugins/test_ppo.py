@@ -230,6 +230,19 @@ def test_sft_adapter_of_another_method_is_refused(tmp_path):
         setup_roles(tuned, options)
 
 
+def test_train_settings_ppo_would_ignore_are_refused_together():
+    from types import SimpleNamespace
+
+    from peftkit_plugins.ppo import PPOObjective
+
+    with pytest.raises(peftkit.PeftkitError) as info:
+        PPOObjective._check_train_settings(SimpleNamespace(gradient_accumulation_steps=4, gradient_checkpointing=True))
+    message = str(info.value)
+    assert "train.gradient_accumulation_steps = 4" in message and "minibatch_size" in message
+    assert "train.gradient_checkpointing = true" in message
+    PPOObjective._check_train_settings(SimpleNamespace(gradient_accumulation_steps=1, gradient_checkpointing=False))
+
+
 POLICY_METHODS = {
     "lora": {"r": 4, "target_modules": ["q_proj", "v_proj"]},
     "qlora": {"r": 4, "target_modules": ["q_proj", "v_proj"]},
