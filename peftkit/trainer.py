@@ -51,6 +51,7 @@ __all__ = [
     "train",
     "enable_gradient_checkpointing",
     "make_scheduler",
+    "read_state_file",
     "rng_state",
     "set_rng_state",
 ]
@@ -139,6 +140,21 @@ def recipe_changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
         for key in sorted(old.keys() | new.keys())
         if old.get(key) != new.get(key) and not key.startswith(RESUME_MAY_CHANGE)
     ]
+
+
+def read_state_file(path: Path) -> dict[str, Any]:
+    """A checkpoint's loop state (written with ``torch.save``), read without unpickling code: tensors and plain data only.
+
+    :raises TrainingError: for a missing, truncated or foreign file, naming it (the file is left as it is).
+    """
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as exc:  # noqa: BLE001 - any failure means the same thing to the user
+        raise TrainingError(
+            f"cannot resume: {path} is not a readable peftkit checkpoint ({type(exc).__name__}: {str(exc)[:200]}); "
+            "it is truncated, corrupt or from an incompatible version. Start a new run (another output.dir, or "
+            "without --resume)"
+        ) from None
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, name: str, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -421,7 +437,7 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     def _load_checkpoint(self, checkpoint: Path) -> None:
-        state = torch.load(checkpoint / STATE_FILE, weights_only=False, map_location="cpu")  # our own file
+        state = read_state_file(checkpoint / STATE_FILE)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.order.load_state_dict(state["data"])

@@ -111,7 +111,15 @@ class PPOObjective:
     # ------------------------------------------------------------------ run
     def run(self, trainer: Any, options: PPOOptions) -> Any:
         from tqdm.auto import tqdm
-        from peftkit.trainer import ADAPTER_DIR, CHECKPOINT_DIR, STATE_FILE, TrainResult, make_scheduler, set_rng_state
+        from peftkit.trainer import (
+            ADAPTER_DIR,
+            CHECKPOINT_DIR,
+            STATE_FILE,
+            TrainResult,
+            make_scheduler,
+            read_state_file,
+            set_rng_state,
+        )
 
         if trainer.accelerator.num_processes > 1:
             raise PeftkitError("objective 'ppo' runs in one process for now; launch it without torchrun/accelerate launch")
@@ -140,7 +148,7 @@ class PPOObjective:
             rows = ppo_data.tokenize_ptx(ppo_data.load_ptx_texts(options.ptx_data), tokenizer, options.ptx_max_length)
             ptx = ppo_data.PtxStream(rows, options.ptx_batch_size, int(tokenizer.pad_token_id), seed=cfg.seed, device=device)
         if trainer.resume:
-            state = torch.load(checkpoint / PPO_STATE_FILE, weights_only=False, map_location="cpu")  # our own file
+            state = read_state_file(checkpoint / PPO_STATE_FILE)
             value_head.load_state_dict(state["value_head"])
             value_optimizer.load_state_dict(state["value_optimizer"])
             value_scheduler.load_state_dict(state["value_scheduler"])
@@ -148,7 +156,7 @@ class PPOObjective:
             if ptx is not None and state["ptx"] is not None:
                 ptx.load_state_dict(state["ptx"])
             # Loading the reference/reward adapters above drew from the RNG; start from the checkpoint's state.
-            set_rng_state(torch.load(checkpoint / STATE_FILE, weights_only=False, map_location="cpu")["rng"])
+            set_rng_state(read_state_file(checkpoint / STATE_FILE)["rng"])
 
         def save_checkpoint() -> None:
             trainer.save_checkpoint()  # policy adapter (training form), policy optimizer/schedule, RNG, step, data position

@@ -77,7 +77,7 @@ def test_an_interrupted_and_resumed_run_ends_bit_identical(tmp_path, interrupt_a
     with pytest.raises(KeyboardInterrupt):
         _train(recipe)
     interrupt_at.remove()
-    state = torch.load(tmp_path / "run" / "checkpoint" / "trainer_state.pt", weights_only=False)
+    state = torch.load(tmp_path / "run" / "checkpoint" / "trainer_state.pt", weights_only=True)
     assert state["step"] == 4  # step 5 ran but was never checkpointed
     resumed = _train(recipe, resume=True)
     assert resumed.steps == 6
@@ -91,6 +91,16 @@ def test_an_interrupted_and_resumed_run_ends_bit_identical(tmp_path, interrupt_a
 def test_resume_without_a_checkpoint_says_what_to_do(tmp_path):
     with pytest.raises(TrainingError, match="run without --resume"):
         _train(_recipe(tmp_path), resume=True)
+
+
+def test_resume_from_a_corrupt_checkpoint_is_one_clear_error_that_keeps_the_file(tmp_path):
+    _train(_recipe(tmp_path, out="run", max_steps=2))
+    state = tmp_path / "run" / "checkpoint" / "trainer_state.pt"
+    state.write_bytes(state.read_bytes()[:100])  # truncated
+    before = state.read_bytes()
+    with pytest.raises(TrainingError, match="trainer_state.pt is not a readable peftkit checkpoint") as info:
+        _train(_recipe(tmp_path, out="run", max_steps=2), resume=True)
+    assert "Start a new run" in str(info.value) and state.read_bytes() == before
 
 
 def test_resume_with_a_changed_recipe_is_refused_and_names_every_change(tmp_path, interrupt_at):
@@ -147,7 +157,7 @@ def test_a_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp
     recipe.objective.name = "nan_sft"
     with pytest.raises(TrainingError, match=r"loss became nan at step 5.*last good checkpoint .* is intact"):
         _train(recipe)
-    state = torch.load(tmp_path / "out" / "checkpoint" / "trainer_state.pt", weights_only=False)
+    state = torch.load(tmp_path / "out" / "checkpoint" / "trainer_state.pt", weights_only=True)
     assert state["step"] == 4
     assert not (tmp_path / "out" / "adapter").exists()
 

@@ -355,12 +355,12 @@ def test_trainer_runs_ppo_ptx_and_a_resumed_run_ends_bit_identical(tmp_path, int
     with pytest.raises(KeyboardInterrupt):
         _run(recipe)
     interrupt_at.remove()
-    assert torch.load(tmp_path / "run" / "checkpoint" / "trainer_state.pt", weights_only=False)["step"] == 2
+    assert torch.load(tmp_path / "run" / "checkpoint" / "trainer_state.pt", weights_only=True)["step"] == 2
     resumed = _run(recipe, resume=True)
     ref, got = load_file(str(reference.adapter_dir / "adapter.safetensors")), load_file(str(resumed.adapter_dir / "adapter.safetensors"))
     assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
-    ref_state = torch.load(tmp_path / "ref" / "checkpoint" / "ppo_state.pt", weights_only=False)
-    got_state = torch.load(tmp_path / "run" / "checkpoint" / "ppo_state.pt", weights_only=False)
+    ref_state = torch.load(tmp_path / "ref" / "checkpoint" / "ppo_state.pt", weights_only=True)
+    got_state = torch.load(tmp_path / "run" / "checkpoint" / "ppo_state.pt", weights_only=True)
     assert all(torch.equal(ref_state["value_head"][k], got_state["value_head"][k]) for k in ref_state["value_head"])
     assert ref_state["kl"] == got_state["kl"] and ref_state["ptx"] == got_state["ptx"]
 
