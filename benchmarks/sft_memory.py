@@ -32,7 +32,6 @@ CONFIGS = {
 
 
 def _load(model_name: str):
-    import torch
 
     if model_name == "tiny":
         from peftkit.testing import tiny_llama

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 __all__ = [
+    "TrainingError",
     "PeftkitError",
     "PluginError",
     "UnknownMethodError",
@@ -53,3 +54,7 @@ class AdapterFormatError(AdapterError):
 
 class MergeNotSupportedError(PeftkitError, NotImplementedError):
     """The method cannot fold its adapter into the base weights."""
+
+
+class TrainingError(PeftkitError, RuntimeError):
+    """Training cannot go on (non-finite loss, no checkpoint to resume, ...)."""

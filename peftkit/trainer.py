@@ -25,7 +25,6 @@ import contextlib
 import json
 import math
 import os
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +35,18 @@ import yaml
 from torch import nn
 
 from peftkit.data import BatchOrder, DataError, load_records, split_records
-from peftkit.errors import PeftkitError
+from peftkit.checkpoint import (
+    ADAPTER_DIR,
+    CHECKPOINT_DIR,
+    METRICS_FILE,
+    RECIPE_FILE,
+    STATE_FILE,
+    read_state_file,
+    recipe_changes,
+    rng_state,
+    set_rng_state,
+)
+from peftkit.errors import TrainingError
 from peftkit.options import options_to_dict
 from peftkit.plugins import PluginManager
 from peftkit.plugins import plugin_manager as default_plugin_manager
@@ -51,24 +61,7 @@ __all__ = [
     "train",
     "enable_gradient_checkpointing",
     "make_scheduler",
-    "read_state_file",
-    "rng_state",
-    "set_rng_state",
 ]
-
-ADAPTER_DIR = "adapter"
-CHECKPOINT_DIR = "checkpoint"
-STATE_FILE = "trainer_state.pt"
-METRICS_FILE = "metrics.jsonl"
-RECIPE_FILE = "recipe.yaml"
-
-#: Recipe keys a resumed run may change: they do not touch what is trained or how.
-RESUME_MAY_CHANGE = ("output.", "train.eval_batch_size", "train.cpu")
-
-
-class TrainingError(PeftkitError, RuntimeError):
-    """Training cannot go on (non-finite loss, no checkpoint to resume, ...)."""
-
 
 @dataclass
 class TrainResult:
@@ -96,65 +89,6 @@ class _ObjectiveStep(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> ObjectiveLoss:
         return self.objective.loss(self.tuned, batch, self.options)
-
-
-def rng_state() -> dict[str, Any]:
-    """Every RNG state a run draws from (python, numpy, torch, CUDA), for a checkpoint."""
-    import numpy as np
-
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": (kind, torch.from_numpy(keys.copy()), pos, has_gauss, gauss),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` returned."""
-    import numpy as np
-
-    random.setstate(state["python"])
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy(), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def recipe_changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
-    """``key.path: old -> new`` for every recipe value that differs, but those in :data:`RESUME_MAY_CHANGE`."""
-
-    def flat(node: Any, prefix: str = "") -> dict[str, Any]:
-        if not isinstance(node, dict):
-            return {prefix[:-1]: node}
-        out: dict[str, Any] = {}
-        for key, value in node.items():
-            out.update(flat(value, f"{prefix}{key}."))
-        return out
-
-    old, new = flat(before), flat(after)
-    return [
-        f"{key}: {old.get(key, '(unset)')!r} -> {new.get(key, '(unset)')!r}"
-        for key in sorted(old.keys() | new.keys())
-        if old.get(key) != new.get(key) and not key.startswith(RESUME_MAY_CHANGE)
-    ]
-
-
-def read_state_file(path: Path) -> dict[str, Any]:
-    """A checkpoint's loop state (written with ``torch.save``), read without unpickling code: tensors and plain data only.
-
-    :raises TrainingError: for a missing, truncated or foreign file, naming it (the file is left as it is).
-    """
-    try:
-        return torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as exc:  # noqa: BLE001 - any failure means the same thing to the user
-        raise TrainingError(
-            f"cannot resume: {path} is not a readable peftkit checkpoint ({type(exc).__name__}: {str(exc)[:200]}); "
-            "it is truncated, corrupt or from an incompatible version. Start a new run (another output.dir, or "
-            "without --resume)"
-        ) from None
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, name: str, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:

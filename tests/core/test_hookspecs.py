@@ -13,7 +13,7 @@ from torch import nn
 import peftkit
 from peftkit import hookspecs
 from peftkit.errors import PluginError, TargetError
-from peftkit.testing import sample_batch, tiny_llama
+from peftkit.testing import tiny_llama
 
 HOOKS = [name for name in hookspecs.__all__ if name.startswith("peftkit_")]
 TESTS = Path(__file__).resolve().parents[1]
