@@ -41,7 +41,6 @@ RECIPE_FILE = "recipe.yaml"
 RESUME_MAY_CHANGE = ("output.", "train.eval_batch_size", "train.cpu")
 
 
-
 def rng_state() -> dict[str, Any]:
     """Every RNG state a run draws from (python, numpy, torch, CUDA), for a checkpoint."""
     import numpy as np

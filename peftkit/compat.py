@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable
 
-__all__ = ["CACHE_NAMES", "cache_argument", "find_cache", "pop_cache", "output_cache", "output_cache_field"]
+__all__ = ["CACHE_NAMES", "cache_argument", "find_cache", "pop_cache", "output_cache_field"]
 
 #: Every name the KV cache has had, newest first.
 CACHE_NAMES = ("cache", "past_key_values")
@@ -46,9 +46,3 @@ def output_cache_field(output: Any) -> str | None:
     """The field of a model output that holds the cache (``None`` if it has none)."""
     fields = getattr(output, "__dataclass_fields__", None) or {}
     return next((name for name in CACHE_NAMES if name in fields), None)
-
-
-def output_cache(output: Any) -> Any:
-    """The KV cache a model output returns, whatever the installed transformers calls it."""
-    field = output_cache_field(output)
-    return None if field is None else output.get(field)

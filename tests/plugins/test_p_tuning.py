@@ -70,12 +70,6 @@ def _peft_twin(model: str, ours: peftkit.TunedModel, encoder: str = "MLP"):
     return reference
 
 
-def _eos(model) -> list[int]:
-    """The EOS id that ``GREEDY``'s ``min_new_tokens`` keeps generate() from choosing."""
-    eos = model.config.eos_token_id
-    return [] if eos is None else [eos]
-
-
 @pytest.mark.parametrize("model", MODELS)
 def test_logits_and_generate_match_peft_mlp(model):
     ours = _ours(model)
@@ -87,7 +81,7 @@ def test_logits_and_generate_match_peft_mlp(model):
         assert not torch.allclose(_logits(ours, ids, mask), _logits(reference, ids, mask)[:, P:], atol=1e-3)
     out = ours.generate(input_ids=ids, attention_mask=mask, **GREEDY)
     # peft's own generate() is not the reference: under transformers >= 5.24 it loses the virtual tokens.
-    assert torch.equal(out, greedy_by_full_forward(reference, ids, GREEDY["max_new_tokens"], suppress=_eos(reference)))
+    assert torch.equal(out, greedy_by_full_forward(reference, ids, GREEDY["max_new_tokens"], suppress=[reference.config.eos_token_id]))
 
     # Left padding: peft ignores position ids (its padded rows shift), peftkit's are padding-aware,
     # so each left-padded row equals peft on the row alone.
@@ -98,7 +92,7 @@ def test_logits_and_generate_match_peft_mlp(model):
         one = torch.tensor([row])
         expected = _logits(reference, one, torch.ones_like(one))[0, P:]
         torch.testing.assert_close(got[i, -len(row):], expected, atol=1e-5, rtol=0)
-        expected_out = greedy_by_full_forward(reference, one, GREEDY["max_new_tokens"], suppress=_eos(reference))[0]
+        expected_out = greedy_by_full_forward(reference, one, GREEDY["max_new_tokens"], suppress=[reference.config.eos_token_id])[0]
         assert torch.equal(out[i, ids.shape[1] - len(row):], expected_out), f"row {i}"
 
 

@@ -73,12 +73,6 @@ def _peft_twin(model: str, ours: peftkit.TunedModel):
     return reference
 
 
-def _eos(model) -> list[int]:
-    """The EOS id that ``GREEDY``'s ``min_new_tokens`` keeps generate() from choosing."""
-    eos = model.config.eos_token_id
-    return [] if eos is None else [eos]
-
-
 @pytest.mark.parametrize("model", MODELS)
 def test_logits_match_peft(model):
     ours = _ours(model)
@@ -118,14 +112,14 @@ def test_generate_matches_peft(model):
     out = ours.generate(input_ids=ids, attention_mask=mask, **GREEDY)
     assert out.shape == (3, 5 + 6)
     # peft's own generate() is not the reference: under transformers >= 5.24 it loses the virtual tokens.
-    assert torch.equal(out, greedy_by_full_forward(reference, ids, GREEDY["max_new_tokens"], suppress=_eos(reference)))
+    assert torch.equal(out, greedy_by_full_forward(reference, ids, GREEDY["max_new_tokens"], suppress=[reference.config.eos_token_id]))
 
     ids, mask = _padded(ROWS, "left")
     out = ours.generate(input_ids=ids, attention_mask=mask, **GREEDY)
     assert torch.equal(out[:, : ids.shape[1]], ids), "generate must return the real prompt, no virtual positions"
     for i, row in enumerate(ROWS):
         one = torch.tensor([row])
-        expected = greedy_by_full_forward(reference, one, GREEDY["max_new_tokens"], suppress=_eos(reference))[0]
+        expected = greedy_by_full_forward(reference, one, GREEDY["max_new_tokens"], suppress=[reference.config.eos_token_id])[0]
         assert torch.equal(out[i, ids.shape[1] - len(row):], expected), f"row {i}"
 
 
