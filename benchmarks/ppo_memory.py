@@ -32,7 +32,7 @@ def _rss_mb() -> float:
 
 
 def _load(model_name: str):
-    from peftkit.models import load_model_and_tokenizer
+    from peftkit.training.models import load_model_and_tokenizer
     from peftkit.testing import tiny_llama
 
     if model_name == "tiny":

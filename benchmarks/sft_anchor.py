@@ -7,7 +7,7 @@ with the anchor's budget as overrides: chatterbot English pairs
 reply tokens only. ``peft-lora`` is the ``sft-lora`` recipe with the adapter
 made by Hugging Face ``peft`` (LoRA r 8, alpha 16, all-linear, no dropout)
 and everything else -- data order, optimizer, schedule, clipping, evaluation
--- from the same :class:`peftkit.trainer.Trainer` (its ``build_adapter``
+-- from the same :class:`peftkit.training.trainer.Trainer` (its ``build_adapter``
 extension point). ``peft`` is a benchmark-only dependency.
 
 Each configuration runs in a child process of this one command, so its peak
@@ -60,7 +60,7 @@ def _peft_trainer_class():
     from peft import LoraConfig, get_peft_model
     from torch import nn
 
-    from peftkit.trainer import Trainer
+    from peftkit.training.trainer import Trainer
 
     class PeftLora(nn.Module):
         """What the trainer needs of an adapted model, over a ``peft`` model."""
@@ -98,8 +98,8 @@ def _child(config: str, model_name: str, steps: int, out_dir: Path) -> None:
 
     import torch
 
-    from peftkit.recipe import load_recipe
-    from peftkit.trainer import Trainer
+    from peftkit.training.recipe import load_recipe
+    from peftkit.training.trainer import Trainer
 
     torch.set_num_threads(2)
     method = "lora" if config == "peft-lora" else config

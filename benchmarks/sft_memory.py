@@ -37,7 +37,7 @@ def _load(model_name: str):
         from peftkit.testing import tiny_llama
 
         return tiny_llama(vocab_size=128).train()
-    from peftkit.models import load_model_and_tokenizer
+    from peftkit.training.models import load_model_and_tokenizer
 
     model, _ = load_model_and_tokenizer(model_name, dtype="float32")
     return model.train()
@@ -67,7 +67,7 @@ def _child(config: str, model_name: str, batch: int, seq: int, steps: int) -> No
     else:
         import peftkit
         from peftkit.options import build_options
-        from peftkit.trainer import enable_gradient_checkpointing
+        from peftkit.training.trainer import enable_gradient_checkpointing
 
         tuned = peftkit.wrap(model, "lora", r=8, alpha=16, target_modules="all-linear")
         tuned.train()

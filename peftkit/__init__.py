@@ -4,6 +4,7 @@
 >>> tuned = peftkit.wrap(model, "lora", r=8, target_modules="all-linear")
 """
 
+from peftkit import _moved
 from peftkit._version import __version__
 from peftkit.api import available_methods, load, wrap
 from peftkit.errors import (
@@ -20,6 +21,8 @@ from peftkit.hookspecs import hookimpl
 from peftkit.interop import export_peft, import_peft
 from peftkit.plugins import plugin_manager
 from peftkit.tuned_model import TunedModel
+
+_moved.install()
 
 __all__ = [
     "__version__",

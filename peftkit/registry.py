@@ -53,7 +53,7 @@ class Injector(Protocol):
 class Objective(Protocol):
     """A training objective, registered through ``peftkit_register_objectives``.
 
-    The training loop (:mod:`peftkit.trainer`) calls, in order:
+    The training loop (:mod:`peftkit.training.trainer`) calls, in order:
 
     * ``prepare_data(records, tokenizer, options, max_length)`` once per split:
       raw records (dicts read from a jsonl/json/csv/parquet file or a dataset)

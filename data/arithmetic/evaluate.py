@@ -24,7 +24,7 @@ _INTEGER = re.compile(r"-?\d+")
 
 def main() -> None:
     import peftkit
-    from peftkit.models import load_model_and_tokenizer
+    from peftkit.training.models import load_model_and_tokenizer
     from peftkit_plugins.reward.formatting import encode_prompt
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

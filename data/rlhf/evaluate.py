@@ -27,7 +27,7 @@ from task import true_reward  # noqa: E402
 
 def main() -> None:
     import peftkit
-    from peftkit.models import load_model_and_tokenizer
+    from peftkit.training.models import load_model_and_tokenizer
     from peftkit_plugins.ppo.data import load_ptx_texts
     from peftkit_plugins.reward.formatting import encode_prompt
 

@@ -38,8 +38,8 @@ def _base():
 
 
 def _train(recipe: dict, out: Path, reuse: bool = False) -> Path:
-    from peftkit.recipe import recipe_from_dict
-    from peftkit.trainer import Trainer
+    from peftkit.training.recipe import recipe_from_dict
+    from peftkit.training.trainer import Trainer
 
     if reuse and (out / "adapter" / "adapter_config.json").is_file():
         return out / "adapter"

@@ -14,7 +14,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
-from peftkit.data import BatchOrder, DataError, load_records
+from peftkit.training.data import BatchOrder, DataError, load_records
 from peftkit_plugins.reward.formatting import encode_prompt
 
 __all__ = ["prepare_prompts", "collate_prompts", "load_ptx_texts", "tokenize_ptx", "PtxStream"]

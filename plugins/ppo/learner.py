@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from peftkit.losses import chunked_cross_entropy, decoder_and_head, lm_hidden_states
+from peftkit.training.losses import chunked_cross_entropy, decoder_and_head, lm_hidden_states
 from peftkit_plugins.ppo.advantages import gae, masked_mean, whiten
 from peftkit_plugins.ppo.kl_control import KLController
 from peftkit_plugins.ppo.losses import entropy_from_logits, policy_loss, token_logprobs, token_rewards, value_loss

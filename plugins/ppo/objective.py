@@ -111,8 +111,8 @@ class PPOObjective:
     # ------------------------------------------------------------------ run
     def run(self, trainer: Any, options: PPOOptions) -> Any:
         from tqdm.auto import tqdm
-        from peftkit.checkpoint import ADAPTER_DIR, CHECKPOINT_DIR, STATE_FILE, read_state_file, set_rng_state
-        from peftkit.trainer import TrainResult, make_scheduler
+        from peftkit.training.checkpoint import ADAPTER_DIR, CHECKPOINT_DIR, STATE_FILE, read_state_file, set_rng_state
+        from peftkit.training.trainer import TrainResult, make_scheduler
 
         if trainer.accelerator.num_processes > 1:
             raise PeftkitError("objective 'ppo' runs in one process for now; launch it without torchrun/accelerate launch")

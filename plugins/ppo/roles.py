@@ -28,7 +28,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from peftkit.losses import decoder_and_head, lm_hidden_states
+from peftkit.training.losses import decoder_and_head, lm_hidden_states
 from peftkit_plugins.ppo.rollout import Rollout
 from peftkit_plugins.reward.head import ScalarHead, heads_of, last_token_hidden
 

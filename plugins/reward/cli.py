@@ -4,7 +4,7 @@
     peftkit score --adapter runs/rm-lora/adapter --file pairs.jsonl   # {"prompt", "response"} per line
 
 Hooked into the ``peftkit`` parser by calling :func:`add_subcommands` with its
-subparsers (as :mod:`peftkit.cli_train` does).
+subparsers (as :mod:`peftkit.cli.training` does).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def load_for_scoring(adapter: Path, model_name: str | None = None) -> tuple[Any,
     """``(tuned, head, tokenizer)`` for a reward model directory (its base from ``base_model.txt`` unless given)."""
     import peftkit
     from peftkit.errors import PeftkitError
-    from peftkit.models import load_model_and_tokenizer
+    from peftkit.training.models import load_model_and_tokenizer
     from peftkit_plugins.reward.saving import load_reward_model
 
     if model_name is None:

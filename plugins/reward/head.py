@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from peftkit.errors import PeftkitError
-from peftkit.losses import lm_hidden_states
+from peftkit.training.losses import lm_hidden_states
 
 __all__ = ["ScalarHead", "heads_of", "last_token_index", "last_token_hidden", "sequence_scores"]
 

@@ -3,7 +3,7 @@
     L = CE(reply tokens)  +  lm_weight * CE(prompt tokens)       (GPT-1's L3 = L2 + lambda * L1)
 
 Each CE is a mean over its tokens in the batch. The loss runs through
-:func:`peftkit.losses.chunked_cross_entropy`, so the full-vocabulary logits of
+:func:`peftkit.training.losses.chunked_cross_entropy`, so the full-vocabulary logits of
 every position never exist at once.
 """
 
@@ -13,8 +13,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from peftkit.data import DataError
-from peftkit.losses import (
+from peftkit.training.data import DataError
+from peftkit.training.losses import (
     IGNORE_INDEX,
     chunked_cross_entropy,
     decoder_and_head,

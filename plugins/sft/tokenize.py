@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from peftkit.data import DataError
-from peftkit.losses import IGNORE_INDEX
+from peftkit.training.data import DataError
+from peftkit.training.losses import IGNORE_INDEX
 
 __all__ = ["to_messages", "tokenize_conversation"]
 

@@ -319,7 +319,7 @@ DATA = Path(__file__).resolve().parents[2] / "data" / "rlhf"
 
 
 def _ppo_recipe(tmp_path, reward_dir, out, method="lora", method_options=None):
-    from peftkit.recipe import recipe_from_dict
+    from peftkit.training.recipe import recipe_from_dict
 
     return recipe_from_dict({
         "method": {"name": method, "options": method_options or {"r": 4, "target_modules": ["q_proj", "v_proj"], "dropout": 0.1}},
@@ -333,7 +333,7 @@ def _ppo_recipe(tmp_path, reward_dir, out, method="lora", method_options=None):
 
 
 def _run(recipe, **kwargs):
-    from peftkit.trainer import Trainer
+    from peftkit.training.trainer import Trainer
 
     return Trainer(recipe, model=tiny_llama(), tokenizer=char_tokenizer(), progress=False, **kwargs).train()
 

@@ -198,8 +198,8 @@ def test_loss_without_a_head_says_how_to_add_one():
 def test_trainer_runs_the_reward_objective_and_saves_the_head(tmp_path):
     from pathlib import Path
 
-    from peftkit.recipe import recipe_from_dict
-    from peftkit.trainer import Trainer
+    from peftkit.training.recipe import recipe_from_dict
+    from peftkit.training.trainer import Trainer
 
     data = Path(__file__).resolve().parents[2] / "data" / "rlhf"
     recipe = recipe_from_dict({
@@ -222,8 +222,8 @@ def test_an_interrupted_reward_run_resumes_bit_identical_head_included(tmp_path,
 
     from safetensors.torch import load_file
 
-    from peftkit.recipe import recipe_from_dict
-    from peftkit.trainer import Trainer
+    from peftkit.training.recipe import recipe_from_dict
+    from peftkit.training.trainer import Trainer
 
     data = Path(__file__).resolve().parents[2] / "data" / "rlhf"
 

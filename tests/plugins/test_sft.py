@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import peftkit
-from peftkit.data import DataError
-from peftkit.losses import IGNORE_INDEX
+from peftkit.training.data import DataError
+from peftkit.training.losses import IGNORE_INDEX
 from peftkit.options import build_options
 from peftkit.testing import tiny_llama, tiny_tokenizer
 

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 import peftkit
-from peftkit.recipe import DEFAULT_LR, RecipeError, apply_overrides, load_recipe, recipe_from_dict
+from peftkit.training.recipe import DEFAULT_LR, RecipeError, apply_overrides, load_recipe, recipe_from_dict
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 

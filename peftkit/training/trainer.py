@@ -34,8 +34,8 @@ import torch
 import yaml
 from torch import nn
 
-from peftkit.data import BatchOrder, DataError, load_records, split_records
-from peftkit.checkpoint import (
+from peftkit.training.data import BatchOrder, DataError, load_records, split_records
+from peftkit.training.checkpoint import (
     ADAPTER_DIR,
     CHECKPOINT_DIR,
     METRICS_FILE,
@@ -50,7 +50,7 @@ from peftkit.errors import TrainingError
 from peftkit.options import options_to_dict
 from peftkit.plugins import PluginManager
 from peftkit.plugins import plugin_manager as default_plugin_manager
-from peftkit.recipe import Recipe
+from peftkit.training.recipe import Recipe
 from peftkit.registry import ObjectiveLoss
 from peftkit.serialization import atomic_directory
 
@@ -142,7 +142,7 @@ def enable_gradient_checkpointing(tuned: nn.Module) -> None:
 class Trainer:
     """Runs one recipe. Construct, then call :meth:`train`.
 
-    :param recipe: a validated :class:`peftkit.recipe.Recipe`.
+    :param recipe: a validated :class:`peftkit.training.recipe.Recipe`.
     :param model: a base model to use instead of loading ``recipe.model`` (tests, notebooks).
     :param tokenizer: its tokenizer (required with ``model``).
     :param resume: continue from ``output.dir/checkpoint``.
@@ -195,7 +195,7 @@ class Trainer:
         if self._given_model is not None:
             model, tokenizer = self._given_model, self._given_tokenizer
         else:
-            from peftkit.models import load_model_and_tokenizer
+            from peftkit.training.models import load_model_and_tokenizer
 
             kwargs = self.pm.model_load_kwargs(recipe.method.name, recipe.method_options)
             kwargs.update(recipe.model.load_kwargs)
@@ -487,7 +487,7 @@ class Trainer:
             if self._given_model is None:  # a model handed in has no name to record
                 (adapter_dir / "base_model.txt").write_text(self.recipe.model.name_or_path + "\n")
             if self.recipe.output.plot:
-                from peftkit._plot import plot_losses
+                from peftkit.training._plot import plot_losses
 
                 plot_losses(self.history, self.output_dir / "loss_curve.png")
         accel.wait_for_everyone()

@@ -60,7 +60,7 @@ class RecipeError(PeftkitError, ValueError):
 class ModelConfig:
     """``model``: the frozen base model."""
 
-    name_or_path: str = "smollm2-135m-instruct"  # an alias (peftkit.models.EMBEDDED_MODELS), a folder or a hub id
+    name_or_path: str = "smollm2-135m-instruct"  # an alias (peftkit.training.models.EMBEDDED_MODELS), a folder or a hub id
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     load_kwargs: dict[str, Any] = field(default_factory=dict)  # extra from_pretrained keywords
 

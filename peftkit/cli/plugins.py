@@ -1,12 +1,11 @@
-"""The ``peftkit`` command line: ``methods``, ``plugins``, and the training commands."""
+"""Plugin commands of the ``peftkit`` CLI: ``methods`` and ``plugins``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
 
-__all__ = ["main", "build_parser"]
+__all__ = ["add_subcommands"]
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:
@@ -21,11 +20,11 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     if not rows:
         print("no methods installed")
         return 1
-    _print_table(("method", "plugin [package version]", "lr (auto)", "description"), rows)
+    print_table(("method", "plugin [package version]", "lr (auto)", "description"), rows)
     objectives = sorted(pm.objectives().items())
     if objectives:
         print()
-        _print_table(
+        print_table(
             ("objective", "plugin", "description"),
             [(n, r.plugin, r.obj.description) for n, r in objectives],
         )
@@ -41,52 +40,23 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
         package, version = pm.plugin_package(name)
         hooks = sorted(caller.name for caller in (pm.get_hookcallers(plugin) or []))
         rows.append((name, f"{package} {version}" if package else "(registered in code)", ", ".join(hooks) or "(none)"))
-    _print_table(("plugin", "package version", "hooks"), rows)
+    print_table(("plugin", "package version", "hooks"), rows)
     for message in pm.load_errors.values():
         print(f"\nwarning: {message}", file=sys.stderr)
     return 0
 
 
-def _print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+def print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header) - 1)]
     for row in [header, *rows]:
         cells = [str(c).ljust(w) for c, w in zip(row, widths)] + [str(row[-1])]
         print("  ".join(cells).rstrip())
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from peftkit._version import __version__
 
-    parser = argparse.ArgumentParser(prog="peftkit", description="Parameter-efficient fine-tuning with pluggable methods.")
-    parser.add_argument("--version", action="version", version=f"peftkit {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    p = sub.add_parser("methods", help="list installed PEFT methods and objectives")
+def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``methods`` and ``plugins`` to the ``peftkit`` parser."""
+    p = subparsers.add_parser("methods", help="list installed PEFT methods and objectives")
     p.set_defaults(func=_cmd_methods)
-    p = sub.add_parser("plugins", help="list loaded plugins, their package versions and hooks")
+    p = subparsers.add_parser("plugins", help="list loaded plugins, their package versions and hooks")
     p.set_defaults(func=_cmd_plugins)
-    from peftkit import cli_train
-
-    cli_train.add_subcommands(sub)
-    from peftkit.plugins import plugin_manager
-
-    plugin_manager().hook.peftkit_register_commands(subparsers=sub)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
-    from peftkit.errors import PeftkitError
-
-    try:
-        return int(args.func(args) or 0)
-    except PeftkitError as exc:
-        print(f"peftkit: error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from peftkit import models
-from peftkit.models import EMBEDDED_MODELS, ModelNotAvailableError, cache_dir, load_model_and_tokenizer, resolve_model_path
+from peftkit.training.models import EMBEDDED_MODELS, ModelNotAvailableError, cache_dir, load_model_and_tokenizer, resolve_model_path
 from peftkit.testing import tiny_llama, tiny_tokenizer
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from peftkit.losses import IGNORE_INDEX, chunked_cross_entropy, decoder_and_head, lm_hidden_states, supports_chunked_loss
+from peftkit.training.losses import IGNORE_INDEX, chunked_cross_entropy, decoder_and_head, lm_hidden_states, supports_chunked_loss
 
 
 def _plain(hidden, head, labels):

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import peftkit
-from peftkit.recipe import recipe_from_dict
+from peftkit.training.recipe import recipe_from_dict
 from peftkit.testing import tiny_llama, tiny_tokenizer
-from peftkit.trainer import Trainer, TrainingError, enable_gradient_checkpointing
+from peftkit.training.trainer import Trainer, TrainingError, enable_gradient_checkpointing
 
 
 def _write_data(folder: Path, n: int = 48) -> str:
@@ -232,8 +232,8 @@ _RUN_SCRIPT = textwrap.dedent(
     import sys, torch
     torch.set_num_threads(1)
     import peftkit
-    from peftkit.recipe import load_recipe
-    from peftkit.trainer import Trainer
+    from peftkit.training.recipe import load_recipe
+    from peftkit.training.trainer import Trainer
 
     class Crash:
         @peftkit.hookimpl
@@ -309,8 +309,8 @@ def test_torchrun_two_processes_end_with_identical_adapters_and_a_falling_loss(t
             """
             import sys, torch
             torch.set_num_threads(1)
-            from peftkit.recipe import load_recipe
-            from peftkit.trainer import Trainer
+            from peftkit.training.recipe import load_recipe
+            from peftkit.training.trainer import Trainer
             t = Trainer(load_recipe(sys.argv[1], [f"output.dir={sys.argv[2]}"]), progress=False)
             result = t.train()
             rank = t.accelerator.process_index
@@ -337,7 +337,7 @@ def test_torchrun_two_processes_end_with_identical_adapters_and_a_falling_loss(t
 def test_schedules_match_transformers(name):
     from transformers import get_scheduler
 
-    from peftkit.trainer import make_scheduler
+    from peftkit.training.trainer import make_scheduler
 
     param = [torch.nn.Parameter(torch.zeros(1))]
     ours_opt, ref_opt = torch.optim.SGD(param, lr=1.0), torch.optim.SGD(param, lr=1.0)

@@ -13,7 +13,7 @@ __all__ = ["add_subcommands", "find_recipes_dir"]
 
 def find_recipes_dir() -> Path | None:
     """The shipped recipes: ``./recipes`` if present, else the ``recipes/`` folder of a peftkit checkout."""
-    for candidate in (Path.cwd() / "recipes", Path(__file__).resolve().parent.parent / "recipes"):
+    for candidate in (Path.cwd() / "recipes", Path(__file__).resolve().parents[2] / "recipes"):
         if candidate.is_dir() and any(candidate.glob("*.yaml")):
             return candidate
     return None
@@ -43,7 +43,7 @@ def _cmd_recipes(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from peftkit.recipe import load_recipe
+    from peftkit.training.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     for note in recipe.notes:
@@ -57,8 +57,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from peftkit.recipe import load_recipe
-    from peftkit.trainer import Trainer
+    from peftkit.training.recipe import load_recipe
+    from peftkit.training.trainer import Trainer
 
     recipe = load_recipe(args.recipe, args.overrides)
     for note in recipe.notes:
@@ -82,7 +82,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _load_for_generation(adapter: Path, model_name: str | None) -> tuple[Any, Any]:
     import peftkit
-    from peftkit.models import load_model_and_tokenizer
+    from peftkit.training.models import load_model_and_tokenizer
     from peftkit.options import build_options
     from peftkit.plugins import plugin_manager
     from peftkit.serialization import CONFIG_NAME
