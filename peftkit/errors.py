@@ -11,6 +11,7 @@ __all__ = [
     "TargetError",
     "AdapterError",
     "AdapterFormatError",
+    "SaveError",
     "MergeNotSupportedError",
 ]
 
@@ -58,3 +59,10 @@ class MergeNotSupportedError(PeftkitError, NotImplementedError):
 
 class TrainingError(PeftkitError, RuntimeError):
     """Training cannot go on (non-finite loss, no checkpoint to resume, ...)."""
+
+
+class SaveError(PeftkitError, OSError):
+    """Writing a directory failed (disk full, I/O error); the previous copy at the path is intact.
+
+    An ``OSError`` too, so code that handled the raw error keeps working.
+    """

@@ -5,18 +5,28 @@ a fingerprint of the base model (its class and the names and shapes of the
 target modules). ``adapter.safetensors`` holds the adapter's tensors only.
 Loading never unpickles anything.
 
-Atomicity: a save writes a sibling temporary directory, then swaps it in with
-two renames. A crash at any point leaves either the previous adapter, or the
-new one, at ``path`` (after a crash between the two renames, the previous one
-waits at ``path.peftkit-old`` and :func:`read_adapter` says so).
+Atomicity (:class:`atomic_directory`, also used for training checkpoints): a
+save writes a sibling temporary directory ``.NAME.tmp-PID@HOST-XXXXXXXX``,
+syncs it to disk, then swaps it in. A directory only ever gets the name
+``NAME`` or ``NAME.peftkit-old`` by a rename of a fully written temporary
+directory, and a directory is only deleted after being renamed back to a
+temporary name, so both names always hold a complete copy: the name is the
+completion marker. At every instant at least one of them exists (once a first
+save finished), and :func:`recover_directory` puts ``NAME.peftkit-old`` back
+when a crash left no ``NAME``. Every save and every :func:`read_adapter` call
+recovers first, so nobody has to rename anything by hand.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import re
+import secrets
 import shutil
-import tempfile
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -25,33 +35,142 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from peftkit._version import __version__
-from peftkit.errors import AdapterFormatError
+from peftkit.errors import AdapterFormatError, PeftkitError, SaveError
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "FORMAT_VERSION", "write_adapter", "read_adapter", "atomic_directory"]
+__all__ = [
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "FORMAT_VERSION",
+    "write_adapter",
+    "read_adapter",
+    "atomic_directory",
+    "recover_directory",
+]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter.safetensors"
 FORMAT_VERSION = 1
 _OLD_SUFFIX = ".peftkit-old"
+_HOST = socket.gethostname()
+# Temporary directories this process is writing right now (other threads' saves included).
+_LIVE: set[Path] = set()
+# What a full disk or an I/O failure raises from the writers used inside atomic_directory.
+_WRITE_ERRORS = (OSError, SafetensorError, RuntimeError)
+
+
+def _old_path(path: Path) -> Path:
+    return path.with_name(path.name + _OLD_SUFFIX)
+
+
+def _temp_path(path: Path) -> Path:
+    """A fresh sibling name that :func:`recover_directory` can tie to this process."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}@{_HOST}-{secrets.token_hex(4)}")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:
+    # Some file systems cannot fsync a directory; the rename is still atomic there.
+    with contextlib.suppress(OSError):
+        _fsync(path)
+
+
+def _sync_tree(root: Path) -> None:
+    """Flush every file and directory under ``root`` so a renamed directory is complete after a power cut."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            _fsync(Path(folder, name))
+        _fsync_dir(Path(folder))
+
+
+def _writer_alive(pid: int, host: str) -> bool:
+    """Whether the process that named a temporary directory may still be writing it."""
+    if host != _HOST or os.name == "nt":  # another machine's pid, or no signal-0 probe: assume alive
+        return True
+    if pid == os.getpid():
+        return False  # ours, and not in _LIVE (checked by the caller)
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, owned by someone else
+        return True
+    return True
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Delete ``.NAME.tmp-*`` directories next to ``path`` whose writer process is gone."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.tmp-(\d+)@(.+)-[0-9a-f]{{8}}")
+    if not path.parent.is_dir():
         return
+    for entry in path.parent.iterdir():
+        match = pattern.fullmatch(entry.name)
+        if match and entry not in _LIVE and not _writer_alive(int(match[1]), match[2]):
+            _remove_tree(entry)
+
+
+def _remove_tree(directory: Path) -> None:
+    # Best effort: whatever stays behind has a temporary name, so the next recovery retries.
+    with contextlib.suppress(OSError):
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _discard(directory: Path) -> None:
+    """Delete ``directory`` without ever leaving a partial copy under its name."""
+    trash = _temp_path(directory.with_name(directory.name.removesuffix(_OLD_SUFFIX)))
     try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        os.rename(directory, trash)
+    except FileNotFoundError:  # another process discarded it first
+        return
+    _remove_tree(trash)
+
+
+def recover_directory(path: str | os.PathLike) -> bool:
+    """Repair what a crash during an :class:`atomic_directory` save left at ``path``.
+
+    If ``path`` is missing and ``path.peftkit-old`` exists (a crash between the
+    two renames of a replacement), the old copy is moved back to ``path``. If
+    both exist (a crash after the new copy was in place), the old one is
+    deleted. Temporary directories ``.NAME.tmp-*`` next to ``path`` whose
+    writer process has died are deleted; those of live processes are kept.
+    Safe to call at any time, any number of times; called by every save and by
+    :func:`read_adapter`, and by ``--resume`` for ``output.dir/checkpoint``.
+
+    :returns: ``True`` if the old copy was moved back to ``path``.
+    :raises OSError: if the directory cannot be renamed (read-only file system, ...).
+    """
+    path = Path(path)
+    _remove_stale_temps(path)
+    old = _old_path(path)
+    if not old.is_dir():
+        return False
+    if path.is_dir():
+        _discard(old)
+        return False
+    os.rename(old, path)
+    _fsync_dir(path.parent)
+    return True
 
 
 class atomic_directory:
     """Context manager yielding a temporary directory that replaces ``path`` on success.
 
-    On an exception the temporary directory is removed and ``path`` is untouched.
+    On entry, whatever an earlier crash left at ``path`` is recovered
+    (:func:`recover_directory`). On an exception the temporary directory is
+    removed and ``path`` keeps its previous content; an ``OSError``,
+    ``SafetensorError`` or ``RuntimeError`` (a full disk, an I/O error) is
+    raised as :class:`~peftkit.errors.SaveError` saying so.
+
+    The replacement keeps a complete copy under ``path`` or ``path.peftkit-old``
+    at every instant: drop a stale old copy (``path`` is complete), rename
+    ``path`` to the old name, rename the temporary directory to ``path``, drop
+    the old copy.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -59,30 +178,58 @@ class atomic_directory:
 
     def __enter__(self) -> Path:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
+        recover_directory(self.path)
+        self.had_previous = self.path.is_dir()
+        self.tmp = _temp_path(self.path)
+        _LIVE.add(self.tmp)  # before it exists, so no other thread's recovery takes it for stale
+        try:
+            self.tmp.mkdir()
+        except OSError as exc:
+            _LIVE.discard(self.tmp)
+            raise SaveError(self._failure_message(exc)) from exc
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        for f in self.tmp.iterdir():
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        old = self.path.with_name(self.path.name + _OLD_SUFFIX)
-        if old.exists():
-            shutil.rmtree(old)
-        if self.path.exists():
-            os.rename(self.path, old)
         try:
+            if exc is None:
+                self._swap_in()
+        except BaseException as failure:
+            exc = failure
+        finally:
+            _LIVE.discard(self.tmp)
+            if self.tmp.exists():  # it is path now after a successful swap
+                _remove_tree(self.tmp)
+        if exc is None:
+            return
+        if isinstance(exc, _WRITE_ERRORS) and not isinstance(exc, PeftkitError):
+            raise SaveError(self._failure_message(exc)) from exc
+        if exc_type is None:
+            raise exc
+
+    def _swap_in(self) -> None:
+        _sync_tree(self.tmp)
+        old = _old_path(self.path)
+        if old.is_dir():  # recover_directory found both, then lost a race; path is complete
+            _discard(old)
+        try:
+            if self.path.is_dir():
+                os.rename(self.path, old)
             os.rename(self.tmp, self.path)
         except BaseException:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                recover_directory(self.path)
             raise
         _fsync_dir(self.path.parent)
-        if old.exists():
-            shutil.rmtree(old)
+        # The new copy is complete at path: losing the old one now is harmless, failing to is too.
+        with contextlib.suppress(OSError):
+            _discard(old)
+
+    def _failure_message(self, exc: BaseException) -> str:
+        cause = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            cause += " (the disk is full: free some space and save again)"
+        kept = f"the previous copy at {self.path} is intact" if self.had_previous else f"nothing was written at {self.path}"
+        return f"could not save {self.path}: {cause}; {kept}"
 
 
 def _contiguous_cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -105,14 +252,18 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, tor
     :raises AdapterFormatError: naming the file and what is wrong with it.
     """
     path = Path(path)
+    try:
+        recover_directory(path)
+    except OSError as exc:
+        if _old_path(path).is_dir():
+            raise AdapterFormatError(
+                f"adapter directory {str(path)!r} does not exist: a save was interrupted and the previous adapter, "
+                f"at {str(_old_path(path))!r}, could not be moved back ({exc}); load {str(_old_path(path))!r} instead"
+            ) from None
     if not path.is_dir():
-        old = path.with_name(path.name + _OLD_SUFFIX)
-        hint = (
-            f"; a previous save was interrupted and the earlier adapter is at {old}: rename it to {path}"
-            if old.is_dir()
-            else "; pass the directory that TunedModel.save() wrote"
+        raise AdapterFormatError(
+            f"adapter directory {str(path)!r} does not exist; pass the directory that TunedModel.save() wrote"
         )
-        raise AdapterFormatError(f"adapter directory {str(path)!r} does not exist{hint}")
     config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
     for f in (config_file, weights_file):
         if not f.is_file():
