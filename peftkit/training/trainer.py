@@ -15,8 +15,9 @@ replaced atomically), ``adapter/`` (the final adapter, inference form),
 Resuming (``resume=True``) restores every piece of the checkpoint, so on the
 CPU a run that was killed and resumed ends with an adapter bit-identical to an
 uninterrupted one (single process; under DDP every rank restores rank 0's RNG
-state). A NaN/inf loss stops the run before the bad step touches the weights;
-the last checkpoint stays as it was.
+state). A NaN/inf loss, adapter or held-out loss stops the run with a
+:class:`TrainingError` before anything is saved (:mod:`.finite_guard`); the
+last checkpoint stays as it was.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from peftkit.training.checkpoint import (
     set_rng_state,
 )
 from peftkit.errors import TrainingError
+from peftkit.training.finite_guard import FiniteGuard
 from peftkit.options import options_to_dict
 from peftkit.plugins import PluginManager
 from peftkit.plugins import plugin_manager as default_plugin_manager
@@ -178,6 +180,7 @@ class Trainer:
         self._given_model, self._given_tokenizer = model, tokenizer
         self.metrics_path = self.output_dir / METRICS_FILE
         self.history: list[dict[str, Any]] = []
+        self.guard = FiniteGuard(self.output_dir / CHECKPOINT_DIR, recipe.train)
 
     # ============================================================ setup
     def setup(self) -> None:
@@ -323,6 +326,7 @@ class Trainer:
         """Held-out loss plus the objective's own held-out metrics (``eval_metrics``), logged at the current step."""
         metrics: dict[str, float] = {}
         loss = self.evaluate()
+        self.guard.eval_loss(loss, self.step)
         if loss is not None:
             metrics["eval_loss"] = loss
         eval_metrics = getattr(self.objective, "eval_metrics", None)
@@ -352,7 +356,11 @@ class Trainer:
         self.pm.hook.peftkit_on_log(step=int(record["step"]), metrics=metrics)
 
     def save_checkpoint(self) -> None:
-        """Write ``checkpoint/`` atomically: the adapter (training form) and every piece of loop state."""
+        """Write ``checkpoint/`` atomically: the adapter (training form) and every piece of loop state.
+
+        :raises TrainingError: if a trainable parameter is not finite (nothing is written then).
+        """
+        self.check_adapter_finite()
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             with atomic_directory(self.output_dir / CHECKPOINT_DIR) as tmp:
@@ -384,16 +392,9 @@ class Trainer:
             self.metrics_path.write_text("".join(line + "\n" for line in kept))
         self.history = [json.loads(line) for line in self.metrics_path.read_text().splitlines()] if self.metrics_path.is_file() else []
 
-    def _check_finite(self, loss: torch.Tensor) -> None:
-        if torch.isfinite(loss.detach()).all():
-            return
-        checkpoint = self.output_dir / CHECKPOINT_DIR
-        saved = f"the last good checkpoint at {checkpoint} is intact" if (checkpoint / STATE_FILE).is_file() else "no checkpoint was written yet"
-        raise TrainingError(
-            f"the loss became {float(loss.detach())} at step {self.step + 1}; training stopped before this step "
-            f"changed the adapter ({saved}). Lower train.lr, set train.max_grad_norm, or use "
-            "train.mixed_precision: no / model.dtype: float32."
-        )
+    def check_adapter_finite(self) -> None:
+        """Stop the run (:class:`TrainingError`) if an optimizer step left NaN/inf in a trainable parameter."""
+        self.guard.parameters([(n, p) for n, p in self.tuned.named_parameters() if p.requires_grad], self.step)
 
     # ============================================================ the loop
     def train(self) -> TrainResult:
@@ -431,7 +432,7 @@ class Trainer:
                 sync = micro == accum - 1
                 with contextlib.nullcontext() if sync else accel.no_sync(self.step_module):
                     out = self.step_module(batch)
-                    self._check_finite(out.loss)
+                    self.guard.loss(out.loss, self.step + 1)
                     accel.backward(out.loss / accum)
                 step_loss += float(out.loss.detach()) / accum
                 for key, value in out.metrics.items():  # the objective's own parts, averaged over the log window
@@ -445,6 +446,7 @@ class Trainer:
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
+            self.check_adapter_finite()
             window_loss += step_loss
             window_steps += 1
             bar.update(1)

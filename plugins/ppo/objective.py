@@ -173,6 +173,7 @@ class PPOObjective:
             trainer.scheduler.step()
             value_scheduler.step()
             trainer.step += 1
+            trainer.check_adapter_finite()  # a diverged policy must not sample the next rollout or reach a save
             bar.update(1)
             bar.set_postfix(reward=f"{last['reward']:.3f}", kl=f"{last['kl']:.3f}")
             if trainer.step % out.log_every == 0 or trainer.step == trainer.total_steps:

@@ -365,6 +365,26 @@ def test_trainer_runs_ppo_ptx_and_a_resumed_run_ends_bit_identical(tmp_path, int
     assert ref_state["kl"] == got_state["kl"] and ref_state["ptx"] == got_state["ptx"]
 
 
+def test_a_ppo_update_that_breaks_the_policy_fails_the_run_before_any_save(tmp_path, monkeypatch):
+    from peftkit.errors import TrainingError
+    from peftkit_plugins.ppo import learner as learner_module
+
+    real_step = learner_module.PPOLearner.step
+
+    def step(self, prompts, ptx=None):
+        metrics = real_step(self, prompts, ptx)
+        with torch.no_grad():  # what an overflowing update does; the next rollout would sample from NaN logits
+            next(p for n, p in self.roles.tuned.named_trainable_parameters() if "lora_B" in n).view(-1)[0] = float("nan")
+        return metrics
+
+    monkeypatch.setattr(learner_module.PPOLearner, "step", step)
+    recipe = _ppo_recipe(tmp_path, _reward_dir(tmp_path), "run")
+    recipe.train.max_steps, recipe.data.eval = 1, None
+    with pytest.raises(TrainingError, match=r"adapter became non-finite .* step 1: .*lora_B.*no checkpoint was written yet"):
+        _run(recipe)
+    assert not (tmp_path / "run" / "adapter").exists() and not (tmp_path / "run" / "checkpoint").exists()
+
+
 def test_stop_tokens_must_be_single_tokens():
     from peftkit_plugins.ppo import stop_token_ids
 

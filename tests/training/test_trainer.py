@@ -162,6 +162,85 @@ def test_a_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp
     assert not (tmp_path / "out" / "adapter").exists()
 
 
+def test_a_diverging_learning_rate_fails_the_run_and_saves_nothing(tmp_path):
+    recipe = _recipe(tmp_path, max_steps=1, warmup_steps=0, scheduler="constant")
+    # Past what validation allows (lr <= 1), to stand for any run that diverges: the one update leaves
+    # weights near 1e30, finite, but their held-out loss is not.
+    recipe.train.lr = 1e30
+    with pytest.raises(TrainingError) as info:
+        _train(recipe)
+    message = str(info.value)
+    assert "held-out loss became" in message and "after step 1" in message
+    assert "lower train.lr (it is 1e+30)" in message and "train.max_grad_norm" in message
+    assert "no checkpoint was written yet" in message
+    out = tmp_path / "out"
+    assert not (out / "adapter").exists() and not (out / "checkpoint").exists()
+
+
+def _break_adapter_after_update(trainer, monkeypatch, update: int) -> None:
+    """Make the ``update``-th optimizer step leave NaN in one adapter tensor (the loss stays finite)."""
+    real_step, calls = trainer.optimizer.step, []
+
+    def step(*args, **kwargs):
+        real_step(*args, **kwargs)
+        calls.append(None)
+        if len(calls) == update:
+            with torch.no_grad():
+                trainer.tuned.trainable_parameters()[0].view(-1)[0] = float("nan")
+
+    monkeypatch.setattr(trainer.optimizer, "step", step)
+
+
+def test_a_non_finite_adapter_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    trainer = Trainer(_recipe(tmp_path), model=tiny_llama(), tokenizer=tiny_tokenizer(), progress=False)
+    trainer.setup()
+    _break_adapter_after_update(trainer, monkeypatch, update=3)
+    with pytest.raises(TrainingError, match=r"non-finite \(NaN/inf\) in the optimizer update of step 3: .*last good checkpoint .* is intact"):
+        trainer.train()
+    checkpoint = tmp_path / "out" / "checkpoint"
+    assert torch.load(checkpoint / "trainer_state.pt", weights_only=True)["step"] == 2
+    assert all(torch.isfinite(t).all() for t in _tensors(checkpoint / "adapter").values())
+    assert not (tmp_path / "out" / "adapter").exists()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 2  # the broken step is not reported as a logged step
+
+
+class _NanEvalObjective(_NanObjective):
+    """The sft objective, except that the n-th held-out evaluation gives a NaN loss."""
+
+    name = "nan_eval_sft"
+
+    def loss(self, model, batch, options):
+        out = self.sft.loss(model, batch, options)
+        if not torch.is_grad_enabled():
+            self.calls += 1
+            if self.calls == self.nan_at:
+                return out._replace(loss=out.loss * float("nan"))
+        return out
+
+
+@pytest.mark.parametrize("nan_at, expected", [(1, "held-out loss is nan before any training step"), (2, "held-out loss became nan after step 3")])
+def test_a_non_finite_held_out_loss_fails_the_run(tmp_path, register_plugin, nan_at, expected):
+    objective = _NanEvalObjective(nan_at=nan_at)  # 8 held-out examples, 4 per batch: evaluation 1 is at step 0, 2 at step 3
+
+    class Plugin:
+        @peftkit.hookimpl
+        def peftkit_register_objectives(self, register):
+            register(objective)
+
+    register_plugin(Plugin())
+    recipe = _recipe(tmp_path, eval_batch_size=8)
+    recipe.objective.name = "nan_eval_sft"
+    with pytest.raises(TrainingError, match=expected):
+        _train(recipe)
+    out = tmp_path / "out"
+    assert not (out / "adapter").exists()
+    if nan_at == 2:
+        assert torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=True)["step"] == 2
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] if nan_at == 2 else []
+    assert all(record.get("eval_loss", 0.0) == record.get("eval_loss", 0.0) for record in logged)  # no NaN is logged
+
+
 def test_an_objective_with_its_own_loop_is_handed_the_trainer(tmp_path, register_plugin):
     seen = {}
 
