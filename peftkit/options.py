@@ -3,25 +3,31 @@
 Options are ``@dataclass`` classes whose fields carry type annotations and
 defaults. :func:`build_options` turns a dict of user values into an instance and
 reports *every* problem at once: unknown keys (with a did-you-mean), values of
-the wrong type, values outside a ``Literal``, and whatever the class's optional
-``validate(self) -> list[str]`` method returns. Options must stay JSON-friendly
-(numbers, strings, booleans, lists, dicts, ``None``) because they are saved in
-``adapter_config.json``.
+the wrong type, values outside a ``Literal``, values no field can use
+(:func:`value_problem`: NaN/inf, integers past 64 bits, NUL characters), and
+whatever the class's optional ``validate(self) -> list[str]`` method returns.
+Options must stay JSON-friendly (numbers, strings, booleans, lists, dicts,
+``None``) because they are saved in ``adapter_config.json``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from typing import Any, Literal, Mapping, TypeVar, Union, get_args, get_origin
 
 from peftkit.errors import OptionsError
 
-__all__ = ["build_options", "options_to_dict", "check_value", "did_you_mean"]
+__all__ = ["build_options", "options_to_dict", "check_value", "value_problem", "did_you_mean", "MAX_INT"]
 
 T = TypeVar("T")
+
+#: The largest integer magnitude any option or recipe field accepts: what fits the int64 that torch and
+#: numpy take (and converts to a float exactly enough), far past any count, size or seed that means something.
+MAX_INT = 2**63 - 1
 
 
 def did_you_mean(name: str, candidates: typing.Iterable[str]) -> str:
@@ -77,6 +83,33 @@ def check_value(value: Any, tp: Any) -> bool:
     return True
 
 
+def value_problem(value: Any) -> str | None:
+    """Why ``value`` (or anything inside a list or dict of it) is unusable whatever the field's type, or ``None``.
+
+    Checked after :func:`check_value`: NaN and infinities (they make every
+    loss and weight they touch NaN), integers beyond :data:`MAX_INT` (they
+    overflow the moment they become a float or a tensor) and strings holding a
+    NUL character (no path, name or text can contain one).
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return "is not a finite number; give a finite value"
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
+        return f"is too large; integers must be within +-{MAX_INT} (2**63 - 1)"
+    if isinstance(value, str) and "\0" in value:
+        return "contains a NUL character (\\0); remove it"
+    parts = [*value, *value.values()] if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+    for part in parts:
+        problem = value_problem(part)
+        if problem is not None:
+            return f"holds {_short_repr(part)}, which {problem}"
+    return None
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-2:]}"
+
+
 def build_options(cls: type[T], values: Mapping[str, Any] | None = None, *, owner: str | None = None) -> T:
     """Validate ``values`` against the dataclass ``cls`` and return an instance.
 
@@ -106,7 +139,11 @@ def build_options(cls: type[T], values: Mapping[str, Any] | None = None, *, owne
         if isinstance(value, tuple):
             value = list(value)
         if not check_value(value, hints[name]):
-            problems.append(f"option {name!r} = {value!r} is not valid; expected {_type_name(hints[name])}")
+            problems.append(f"option {name!r} = {_short_repr(value)} is not valid; expected {_type_name(hints[name])}")
+            continue
+        problem = value_problem(value)
+        if problem is not None:
+            problems.append(f"option {name!r} = {_short_repr(value)} {problem}")
             continue
         if hints[name] is float and isinstance(value, int):
             value = float(value)

@@ -12,13 +12,22 @@ dataclass, through :func:`peftkit.options.build_options`).
 Overriding ``method.name`` drops the recipe's ``method.options`` (they belong to
 the old method) unless ``method.options.*`` overrides are given too, so
 ``peftkit train sft-lora.yaml method.name=ia3`` trains IA3 with its defaults.
+``output.dir`` may name the method and objective (``runs/sft-{method}``); the
+placeholders are filled in after the overrides (``_`` written ``-``), so that
+swap writes to ``runs/sft-ia3`` and keeps the LoRA run.
+
+Parsing is bounded (file size, alias expansion, nesting depth) and refuses
+duplicate keys and non-UTF-8 bytes; see :mod:`peftkit.training._bounded_yaml`.
+Every field also passes :func:`peftkit.options.value_problem` (no NaN/inf, no
+integer past 64 bits, no NUL character) and the range of its section below.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
-import re
+import string
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +36,8 @@ from typing import Any, Literal, Mapping, Sequence
 import yaml
 
 from peftkit.errors import OptionsError, PeftkitError
-from peftkit.options import _type_name, check_value, did_you_mean
+from peftkit.options import _short_repr, _type_name, check_value, did_you_mean, value_problem
+from peftkit.training._bounded_yaml import MAX_BYTES, MAX_DEPTH, YamlInputError, load_yaml
 
 __all__ = [
     "RecipeError",
@@ -56,13 +66,96 @@ class RecipeError(PeftkitError, ValueError):
 
 
 # ----------------------------------------------------------------- sections
+#: Largest meaningful counts. A billion optimizer steps (or log/save/eval intervals) is past any run;
+#: 2**20 examples per batch, tokens per example or records is past any accelerator; a million epochs
+#: past any dataset. Larger values can only overflow or hang later, so the recipe refuses them.
+MAX_STEPS = 10**9
+MAX_SIZE = 2**20
+MAX_EPOCHS = 10**6
+#: Seeds go to numpy, whose seeds are 32-bit unsigned.
+MAX_SEED = 2**32 - 1
+#: With AdamW, a step moves each weight by about ``lr``; above 1 no PEFT method trains (the highest
+#: published rates are prompt tuning's ~0.3). weight_decay <= 1 keeps the decay factor 1 - lr * wd in [0, 1).
+MAX_LR = 1.0
+MAX_WEIGHT_DECAY = 1.0
+#: model.load_kwargs values nest at most this deep (``max_memory: {0: 10GiB}`` is 2).
+MAX_LOAD_KWARGS_DEPTH = 4
+#: from_pretrained keywords peftkit sets itself, with what to use instead.
+RESERVED_LOAD_KWARGS = {
+    "dtype": "set model.dtype instead",
+    "torch_dtype": "set model.dtype instead",
+    "quantization_config": "the method sets it (qlora builds it from method.options); a YAML value cannot be one",
+    "pretrained_model_name_or_path": "set model.name_or_path instead",
+}
+
+
+def _too_large(key: str, value: float | None, limit: float, why: str) -> list[str]:
+    """The problem of a value above its upper bound (``None``: unset, fine)."""
+    if value is None or value <= limit:
+        return []
+    return [f"{key} = {value!r} is too large: must be <= {limit:g} ({why})"]
+
+
+def _empty(key: str, value: str, fix: str) -> list[str]:
+    """The problem of a required text left empty or blank."""
+    return [] if value.strip() else [f"{key} = {value!r} is empty; {fix}"]
+
+
 @dataclass
 class ModelConfig:
     """``model``: the frozen base model."""
 
     name_or_path: str = "smollm2-135m-instruct"  # an alias (peftkit.training.models.EMBEDDED_MODELS), a folder or a hub id
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
-    load_kwargs: dict[str, Any] = field(default_factory=dict)  # extra from_pretrained keywords
+    # extra from_pretrained keywords: identifiers (not RESERVED_LOAD_KWARGS) -> plain YAML nested <= MAX_LOAD_KWARGS_DEPTH
+    load_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> list[str]:
+        problems = _empty("model.name_or_path", self.name_or_path, "give a model alias, a folder or a hub id")
+        for key, value in self.load_kwargs.items():
+            problem = _load_kwarg_problem(key, value)
+            if problem:
+                problems.append(f"model.load_kwargs.{key} = {_short_repr(value)} {problem}")
+        return problems
+
+
+def _load_kwarg_problem(key: str, value: Any) -> str | None:
+    if not key.isidentifier():
+        return "is not a from_pretrained keyword: keys must be Python identifiers"
+    if key in RESERVED_LOAD_KWARGS:
+        return f"is set by peftkit: {RESERVED_LOAD_KWARGS[key]}"
+    problem = value_problem(value)
+    if problem is not None:
+        return problem
+    if _depth(value) > MAX_LOAD_KWARGS_DEPTH:
+        return f"nests deeper than {MAX_LOAD_KWARGS_DEPTH} levels; from_pretrained keywords are flat values, lists or small mappings"
+    odd = _non_plain(value)
+    if odd is not None:
+        return f"holds {_short_repr(odd)} ({type(odd).__name__}); values must be strings, numbers, booleans, null, lists or mappings"
+    return None
+
+
+def _depth(value: Any) -> int:
+    if isinstance(value, dict):
+        return 1 + max(map(_depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(_depth, value), default=0)
+    return 0
+
+
+def _non_plain(value: Any) -> Any:
+    """The first value inside ``value`` that plain YAML data cannot be (a date, bytes, a set, a non-scalar key), else None."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, (str, int)):
+                return key
+            odd = _non_plain(item)
+            if odd is not None:
+                return odd
+        return None
+    if isinstance(value, list):
+        return next((odd for odd in map(_non_plain, value) if odd is not None), None)
+    return None if value is None or isinstance(value, (str, int, float, bool)) else value
 
 
 @dataclass
@@ -87,14 +180,14 @@ class DataConfig:
 
     train: str = ""  # a local .jsonl/.json/.csv/.parquet file, or a dataset name ("name" or "name:split")
     eval: str | None = None  # held-out file/dataset; None: hold out eval_size records of train
-    eval_size: int = 200
-    max_length: int = 512  # tokens per example; longer ones are cut at the end
+    eval_size: int = 200  # <= MAX_SIZE
+    max_length: int = 512  # tokens per example (8..MAX_SIZE); longer ones are cut at the end
     max_train_samples: int | None = None  # use only the first N training records (after the split)
-    seed: int = 0  # shuffles records before the held-out split
+    seed: int = 0  # shuffles records before the held-out split; 0..MAX_SEED
 
     def validate(self) -> list[str]:
         problems = []
-        if not self.train:
+        if not self.train.strip():
             problems.append("data.train is required: a .jsonl/.json/.csv/.parquet file or a dataset name")
         if self.eval_size < 0:
             problems.append(f"data.eval_size = {self.eval_size!r} must be >= 0")
@@ -102,7 +195,16 @@ class DataConfig:
             problems.append(f"data.max_length = {self.max_length!r} must be >= 8")
         if self.max_train_samples is not None and self.max_train_samples < 1:
             problems.append(f"data.max_train_samples = {self.max_train_samples!r} must be >= 1 or null")
+        problems += _too_large("data.eval_size", self.eval_size, MAX_SIZE, "records held out")
+        problems += _too_large("data.max_length", self.max_length, MAX_SIZE, "tokens per example")
+        problems += _seed_problems("data.seed", self.seed)
         return problems
+
+
+def _seed_problems(key: str, seed: int) -> list[str]:
+    if 0 <= seed <= MAX_SEED:
+        return []
+    return [f"{key} = {seed!r} must be in [0, {MAX_SEED}] (2**32 - 1, numpy's seed range); e.g. 0"]
 
 
 #: The learning rate of ``train.lr: auto`` for a method that recommends none.
@@ -111,18 +213,18 @@ DEFAULT_LR = 2e-4
 
 @dataclass
 class TrainConfig:
-    """``train``: the optimisation loop."""
+    """``train``: the optimisation loop. Every count is bounded above (MAX_STEPS, MAX_SIZE, MAX_EPOCHS)."""
 
     max_steps: int | None = None  # optimizer steps; None: run `epochs` epochs
-    epochs: float = 1.0
+    epochs: float = 1.0  # (0, MAX_EPOCHS]
     batch_size: int = 8  # examples per micro-batch, per process
     gradient_accumulation_steps: int = 1
-    lr: float | Literal["auto"] = "auto"  # auto: the method's recommended_lr (DEFAULT_LR if it has none)
+    lr: float | Literal["auto"] = "auto"  # (0, MAX_LR]; auto: the method's recommended_lr (DEFAULT_LR if it has none)
     scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "linear"
     warmup_steps: int = 0
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # [0, MAX_WEIGHT_DECAY]
     max_grad_norm: float | None = 1.0  # None: no clipping
-    seed: int = 0
+    seed: int = 0  # 0..MAX_SEED
     gradient_checkpointing: bool = False
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     eval_batch_size: int | None = None  # None: batch_size
@@ -145,6 +247,15 @@ class TrainConfig:
             problems.append(f"train.max_grad_norm = {self.max_grad_norm!r} must be > 0 or null")
         if self.eval_batch_size is not None and self.eval_batch_size < 1:
             problems.append(f"train.eval_batch_size = {self.eval_batch_size!r} must be >= 1 or null")
+        for key in ("max_steps", "warmup_steps"):
+            problems += _too_large(f"train.{key}", getattr(self, key), MAX_STEPS, "optimizer steps")
+        for key in ("batch_size", "gradient_accumulation_steps", "eval_batch_size"):
+            problems += _too_large(f"train.{key}", getattr(self, key), MAX_SIZE, "examples")
+        problems += _too_large("train.epochs", self.epochs, MAX_EPOCHS, "passes over the data")
+        if self.lr != "auto":
+            problems += _too_large("train.lr", self.lr, MAX_LR, "AdamW moves each weight by about lr per step; use auto for the method's rate")
+        problems += _too_large("train.weight_decay", self.weight_decay, MAX_WEIGHT_DECAY, "decoupled decay removes lr * weight_decay of each weight per step")
+        problems += _seed_problems("train.seed", self.seed)
         return problems
 
 
@@ -152,19 +263,24 @@ class TrainConfig:
 class OutputConfig:
     """``output``: where results go and how often things happen."""
 
-    dir: str = "runs/sft"  # adapter/, checkpoint/, metrics.jsonl, loss_curve.png, recipe.yaml
-    save_every: int = 0  # checkpoint every N steps (0: only at the end)
+    # adapter/, checkpoint/, metrics.jsonl, loss_curve.png, recipe.yaml. {method} and {objective} are replaced
+    # by method.name and objective.name (after overrides), "_" written "-" as in the recipe file names
+    # (prompt_tuning -> runs/sft-prompt-tuning), so a one-line method swap keeps both runs
+    dir: str = "runs/{objective}-{method}"
+    save_every: int = 0  # checkpoint every N steps (0: only at the end); <= MAX_STEPS, as the two below
     log_every: int = 10  # metrics.jsonl line + progress-bar update every N steps
     eval_every: int = 0  # held-out loss every N steps (0: only before and after training)
     plot: bool = True  # write loss_curve.png at the end
 
     def validate(self) -> list[str]:
-        problems = []
+        problems = _empty("output.dir", self.dir, "give a folder such as runs/{objective}-{method} (an empty one would write into the working directory)")
         for key in ("save_every", "eval_every"):
             if getattr(self, key) < 0:
                 problems.append(f"output.{key} = {getattr(self, key)!r} must be >= 0")
         if self.log_every < 1:
             problems.append(f"output.log_every = {self.log_every!r} must be >= 1")
+        for key in ("save_every", "log_every", "eval_every"):
+            problems += _too_large(f"output.{key}", getattr(self, key), MAX_STEPS, "steps")
         return problems
 
 
@@ -198,44 +314,34 @@ class Recipe:
         return {name: dataclasses.asdict(getattr(self, name)) for name in _SECTIONS}
 
 
-# ---------------------------------------------------------------- YAML
-class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader, reading ``1e-3`` as a float (YAML 1.2) rather than the string YAML 1.1 makes of it."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
-
-
-def _yaml_load(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)
-
-
 # ---------------------------------------------------------------- overrides
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> tuple[dict[str, Any], list[str], list[str]]:
-    """Apply ``key.path=value`` overrides (values parsed as YAML) to a copy of ``raw``.
+    """Apply ``key.path=value`` overrides (values parsed as YAML, within the bounds of a recipe file) to a copy of ``raw``.
 
     :returns: ``(new raw dict, problems, notes)``.
     """
-    import copy
-
     raw = copy.deepcopy(raw)
     problems, notes = [], []
     parsed: list[tuple[list[str], Any]] = []
     for item in overrides:
         key, sep, text = item.partition("=")
-        if not sep or not key.strip():
-            problems.append(f"override {item!r} is not of the form key.path=value (e.g. train.max_steps=20)")
+        path = key.strip().split(".")
+        shown = _short_repr(item)
+        if not sep or not all(part.strip() for part in path):
+            problems.append(f"override {shown} is not of the form key.path=value (e.g. train.max_steps=20)")
+            continue
+        if len(path) > MAX_DEPTH:
+            problems.append(f"override {shown}: the key path has {len(path)} parts; recipes nest at most {MAX_DEPTH} levels")
             continue
         try:
-            value = _yaml_load(text) if text.strip() else ""
-        except yaml.YAMLError as exc:
-            problems.append(f"override {item!r}: the value is not valid YAML ({exc})")
+            value = load_yaml(text, f"the value of override {key.strip()}") if text.strip() else ""
+        except YamlInputError as exc:
+            problems.extend(f"override {shown}: {p}" for p in exc.problems)
             continue
-        parsed.append((key.strip().split("."), value))
+        except yaml.YAMLError as exc:
+            problems.append(f"override {shown}: the value is not valid YAML ({exc})")
+            continue
+        parsed.append((path, value))
     old_method = (raw.get("method") or {}).get("name") if isinstance(raw.get("method"), dict) else None
     for path, value in parsed:
         if path == ["method", "name"] and value != old_method and isinstance(raw.get("method"), dict):
@@ -265,7 +371,7 @@ def _check_section(name: str, cls: type, values: Any, problems: list[str]) -> An
     if values is None:
         values = {}
     if not isinstance(values, Mapping):
-        problems.append(f"{name} = {values!r} must be a mapping of keys ({', '.join(f.name for f in dataclasses.fields(cls))})")
+        problems.append(f"{name} = {_short_repr(values)} must be a mapping of keys ({', '.join(f.name for f in dataclasses.fields(cls))})")
         return cls()
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -278,7 +384,11 @@ def _check_section(name: str, cls: type, values: Any, problems: list[str]) -> An
             continue
         tp = hints[key]
         if not check_value(value, tp):
-            problems.append(f"{name}.{key} = {value!r} is not valid; expected {_type_name(tp)}")
+            problems.append(f"{name}.{key} = {_short_repr(value)} is not valid; expected {_type_name(tp)}")
+            continue
+        problem = None if isinstance(value, dict) else value_problem(value)  # mappings: checked per entry, by their owner
+        if problem is not None:
+            problems.append(f"{name}.{key} = {_short_repr(value)} {problem}")
             continue
         if isinstance(value, int) and not isinstance(value, bool) and (tp is float or float in typing.get_args(tp)):
             value = float(value)
@@ -295,7 +405,7 @@ def _plugin_options(kind: str, section: Any, registry: dict[str, Any], problems:
 
     if section.name not in registry:
         available = ", ".join(sorted(registry)) or "(none installed)"
-        problems.append(f"{kind}.name = {section.name!r} is not an installed {kind}{did_you_mean(section.name, registry)}; available: {available}")
+        problems.append(f"{kind}.name = {_short_repr(section.name)} is not an installed {kind}{did_you_mean(section.name, registry)}; available: {available}")
         return None
     try:
         return build_options(registry[section.name].obj.options, section.options, owner=f"{kind} {section.name!r}")
@@ -318,6 +428,23 @@ def resolve_data_path(value: str, base_dirs: Sequence[Path]) -> str:
 _FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 
+def _expand_output_dir(template: str, names: Mapping[str, str]) -> tuple[str, list[str]]:
+    """``output.dir`` with ``{method}``/``{objective}`` filled in from ``names``: ``(dir, problems)``."""
+    allowed = ", ".join(f"{{{n}}}" for n in names)
+    fix = f"the placeholders are {allowed}; write {{{{ and }}}} for a literal brace"
+    try:
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template) if name is not None]
+    except ValueError as exc:  # a single { or }
+        return template, [f"output.dir = {_short_repr(template)} has a stray brace ({exc}); {fix}"]
+    bad = [(name, spec, conv) for name, spec, conv in fields if name not in names or spec or conv]
+    if bad:
+        name, spec, conv = bad[0]
+        shown = "{" + name + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}"
+        hint = did_you_mean(name, names) if name not in names else " (placeholders take no conversion or format)"
+        return template, [f"output.dir = {_short_repr(template)} has unknown placeholder {shown}{hint}; {fix}"]
+    return template.format(**names), []
+
+
 def recipe_from_dict(raw: Any, *, source: str = "<dict>", base_dirs: Sequence[Path] = (), plugin_manager: Any = None) -> Recipe:
     """Validate a recipe given as plain data.
 
@@ -336,6 +463,10 @@ def recipe_from_dict(raw: Any, *, source: str = "<dict>", base_dirs: Sequence[Pa
     sections = {name: _check_section(name, cls, raw.get(name), problems) for name, cls in _SECTIONS.items()}
     method_options = _plugin_options("method", sections["method"], pm.injectors(), problems)
     objective_options = _plugin_options("objective", sections["objective"], pm.objectives(), problems)
+    output: OutputConfig = sections["output"]
+    names = {key: sections[key].name.replace("_", "-") for key in ("method", "objective")}
+    output.dir, dir_problems = _expand_output_dir(output.dir, names)
+    problems += dir_problems
     data: DataConfig = sections["data"]
     for key in ("train", "eval"):
         value = getattr(data, key)
@@ -366,9 +497,16 @@ def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = (), *, plugi
     if not path.is_file():
         raise RecipeError(str(path), [f"no such recipe file: {str(path)!r} (see `peftkit recipes` for the shipped ones)"])
     try:
-        raw = _yaml_load(path.read_text()) or {}
+        with path.open("rb") as file:
+            data = file.read(MAX_BYTES + 1)  # one byte more than allowed is enough to refuse it
+        raw = load_yaml(data, str(path))
+    except OSError as exc:
+        raise RecipeError(str(path), [f"cannot read the recipe: {exc.strerror or exc}"]) from None
+    except YamlInputError as exc:
+        raise RecipeError(str(path), exc.problems) from None
     except yaml.YAMLError as exc:
         raise RecipeError(str(path), [f"not valid YAML: {exc}"]) from None
+    raw = {} if raw is None else raw
     raw, problems, notes = apply_overrides(raw, overrides) if isinstance(raw, dict) else (raw, [], [])
     base_dirs = [path.resolve().parent, path.resolve().parent.parent]
     try:
