@@ -145,6 +145,16 @@ def resolve_model_path(name_or_path: str, *, verbose: bool = True) -> str:
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def _load_kwargs_message(name_or_path: str, keywords: list[str], exc: Exception) -> str:
+    """One line for a ``from_pretrained`` failure with extra keywords: they are the likely cause."""
+    reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    return (
+        f"cannot load model {name_or_path!r} with the from_pretrained keywords {', '.join(keywords)} "
+        f"(model.load_kwargs, plus any the method adds): {type(exc).__name__}: {reason[:300]}; "
+        "fix or remove that model.load_kwargs entry"
+    )
+
+
 def load_model_and_tokenizer(
     name_or_path: str,
     *,
@@ -158,7 +168,8 @@ def load_model_and_tokenizer(
     :param load_kwargs: extra ``from_pretrained`` keywords, e.g. the merged answers
         of the ``peftkit_model_load_kwargs`` hook (QLoRA's ``quantization_config``).
     :returns: ``(model, tokenizer)``; the tokenizer gets a pad token (its EOS) if it had none.
-    :raises ModelNotAvailableError: naming the model and what to do.
+    :raises ModelNotAvailableError: naming the model and what to do; when ``from_pretrained`` fails with
+        keywords besides ``dtype``, one line naming them and ``model.load_kwargs``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -170,10 +181,17 @@ def load_model_and_tokenizer(
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as exc:
         aliases = ", ".join(sorted(EMBEDDED_MODELS))
+        extra = sorted(set(kwargs) - {"dtype"})
+        keywords = f" (from_pretrained keywords {', '.join(extra)}: check model.load_kwargs too)" if extra else ""
         raise ModelNotAvailableError(
-            f"cannot load model {name_or_path!r}: {exc}\nUse a local folder, a reachable Hugging Face hub id, "
+            f"cannot load model {name_or_path!r}{keywords}: {exc}\nUse a local folder, a reachable Hugging Face hub id, "
             f"or an embedded model alias ({aliases})."
         ) from None
+    except Exception as exc:
+        extra = sorted(set(kwargs) - {"dtype"})
+        if not extra or isinstance(exc, PeftkitError):
+            raise
+        raise ModelNotAvailableError(_load_kwargs_message(name_or_path, extra, exc)) from exc
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

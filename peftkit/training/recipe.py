@@ -86,6 +86,9 @@ RESERVED_LOAD_KWARGS = {
     "torch_dtype": "set model.dtype instead",
     "quantization_config": "the method sets it (qlora builds it from method.options); a YAML value cannot be one",
     "pretrained_model_name_or_path": "set model.name_or_path instead",
+    "output_loading_info": "it makes from_pretrained return a tuple where peftkit needs the model",
+    "return_unused_kwargs": "it makes from_pretrained return a tuple where peftkit needs the model",
+    "state_dict": "a YAML value cannot be a state dict; point model.name_or_path at a folder with the weights",
 }
 
 
