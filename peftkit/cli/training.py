@@ -63,7 +63,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     for note in recipe.notes:
         print(f"note: {note}")
-    trainer = Trainer(recipe, resume=args.resume, progress=not args.no_progress)
+    trainer = Trainer(recipe, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
     result = trainer.train()
     if not trainer.accelerator.is_main_process:
         return 0
@@ -153,6 +153,9 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=override_help)
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in output.dir")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to metrics.jsonl)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace a finished run in output.dir even if it was trained with another recipe"
+    )
     p.set_defaults(func=_cmd_train)
 
     p = subparsers.add_parser("validate", help="check a recipe and report every problem at once")

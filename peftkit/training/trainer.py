@@ -10,7 +10,11 @@ Outputs in ``output.dir``: ``recipe.yaml`` (what ran), ``metrics.jsonl`` (one
 JSON object per logged step or evaluation), ``checkpoint/`` (adapter in its
 training form + optimizer, scheduler, RNG states, step and data position,
 replaced atomically), ``adapter/`` (the final adapter, inference form),
-``loss_curve.png``.
+``loss_curve.png``. While a run writes there, ``output.dir`` is locked
+(:mod:`.run_lock`); a run start puts back what a crash between the two renames
+of a replacement left as ``checkpoint.peftkit-old``/``adapter.peftkit-old``, and
+refuses to replace a finished run of another recipe without ``overwrite``
+(:mod:`.run_files`).
 
 Resuming (``resume=True``) restores every piece of the checkpoint, so on the
 CPU a run that was killed and resumed ends with an adapter bit-identical to an
@@ -49,12 +53,14 @@ from peftkit.training.checkpoint import (
 )
 from peftkit.errors import TrainingError
 from peftkit.training.finite_guard import FiniteGuard
+from peftkit.training.run_files import keep_metrics_through, read_run_recipe, refuse_replacing_finished_run
+from peftkit.training.run_lock import RunLock
 from peftkit.options import options_to_dict
 from peftkit.plugins import PluginManager
 from peftkit.plugins import plugin_manager as default_plugin_manager
 from peftkit.training.recipe import Recipe
 from peftkit.registry import ObjectiveLoss
-from peftkit.serialization import atomic_directory
+from peftkit.serialization import atomic_directory, recover_directory
 
 __all__ = [
     "Trainer",
@@ -149,6 +155,7 @@ class Trainer:
     :param tokenizer: its tokenizer (required with ``model``).
     :param resume: continue from ``output.dir/checkpoint``.
     :param progress: show a progress bar (main process only).
+    :param overwrite: replace a finished run in ``output.dir`` even if its recipe differs.
     """
 
     def __init__(
@@ -160,6 +167,7 @@ class Trainer:
         resume: bool = False,
         progress: bool = True,
         plugin_manager: PluginManager | None = None,
+        overwrite: bool = False,
     ):
         from accelerate import Accelerator
 
@@ -169,6 +177,7 @@ class Trainer:
         self.pm = plugin_manager or default_plugin_manager()
         self.resume = resume
         self.progress = progress
+        self.overwrite = overwrite
         self.output_dir = Path(recipe.output.dir)
         # accelerate only runs CPU processes as one DDP group (gloo) when told
         # cpu=True; under torchrun on a machine without GPU that is what is meant.
@@ -181,17 +190,45 @@ class Trainer:
         self.metrics_path = self.output_dir / METRICS_FILE
         self.history: list[dict[str, Any]] = []
         self.guard = FiniteGuard(self.output_dir / CHECKPOINT_DIR, recipe.train)
+        self.run_lock = RunLock(self.output_dir, enabled=self.accelerator.is_main_process)
 
     # ============================================================ setup
     def setup(self) -> None:
-        """Load the model, inject the adapter, read the data, build optimizer and scheduler."""
+        """Claim ``output.dir``, then load the model, inject the adapter, read the data, build optimizer and scheduler.
+
+        ``output.dir`` stays locked until :meth:`train` returns (or this raises).
+        """
+        self._claim_output_dir()
+        try:
+            self._build()
+        except BaseException:
+            self.run_lock.release()
+            raise
+
+    def _claim_output_dir(self) -> None:
+        """Lock ``output.dir``, repair what a crash left there, refuse a wrong resume or a silent replacement.
+
+        All before the model loads: a refused run should fail in a second.
+        """
+        if self.accelerator.is_main_process:
+            note = self.run_lock.acquire()
+            if note:
+                print(f"note: {note}")
+            for name in (CHECKPOINT_DIR, ADAPTER_DIR):  # a crash between the two renames of a replacement
+                if recover_directory(self.output_dir / name):
+                    print(f"note: restored {self.output_dir / name} from the complete copy a crash left beside it")
+        self.accelerator.wait_for_everyone()
+        if self.resume:
+            self._check_resumable(self.output_dir / CHECKPOINT_DIR)
+        elif not self.overwrite:
+            refuse_replacing_finished_run(self.output_dir, self.recipe.to_dict())
+
+    def _build(self) -> None:
         import peftkit
         from accelerate.utils import set_seed
 
         recipe, train_cfg = self.recipe, self.recipe.train
         checkpoint = self.output_dir / CHECKPOINT_DIR
-        if self.resume:  # before the model loads: a wrong resume should fail in a second
-            self._check_resumable(checkpoint)
         set_seed(train_cfg.seed)  # python, numpy and torch: the adapter's initialisation depends on it
 
         # ---- base model, loaded straight into whatever form the method needs (e.g. 4-bit)
@@ -257,7 +294,7 @@ class Trainer:
         saved = checkpoint / RECIPE_FILE
         if not saved.is_file():  # a checkpoint from before the recipe was kept in it
             return
-        changes = recipe_changes(yaml.safe_load(saved.read_text()), self.recipe.to_dict())
+        changes = recipe_changes(read_run_recipe(saved), self.recipe.to_dict())
         if changes:
             raise TrainingError(
                 f"cannot resume the run in {self.output_dir}: the recipe differs from the one its checkpoint was "
@@ -386,11 +423,8 @@ class Trainer:
         self.step = int(state["step"])
         self.eval_loss_before = state["eval_loss_before"]
         set_rng_state(state["rng"])
-        # Lines the interrupted run logged after its checkpoint are replayed, so they go.
-        if self.accelerator.is_main_process and self.metrics_path.is_file():
-            kept = [line for line in self.metrics_path.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
-            self.metrics_path.write_text("".join(line + "\n" for line in kept))
-        self.history = [json.loads(line) for line in self.metrics_path.read_text().splitlines()] if self.metrics_path.is_file() else []
+        if self.metrics_path.is_file():
+            self.history = keep_metrics_through(self.metrics_path, self.step, rewrite=self.accelerator.is_main_process)
 
     def check_adapter_finite(self) -> None:
         """Stop the run (:class:`TrainingError`) if an optimizer step left NaN/inf in a trainable parameter."""
@@ -398,18 +432,21 @@ class Trainer:
 
     # ============================================================ the loop
     def train(self) -> TrainResult:
-        """Run the recipe to its last step and return what it produced."""
-        if not hasattr(self, "tuned"):
-            self.setup()
-        if self.accelerator.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / RECIPE_FILE).write_text(yaml.safe_dump(self.recipe.to_dict(), sort_keys=False))
-            if not self.resume and self.metrics_path.exists():
-                self.metrics_path.unlink()
-        run = getattr(self.objective, "run", None)
-        if callable(run):  # an objective with a loop of its own (e.g. PPO rollouts)
-            return run(self, self.objective_options)
-        return self._sft_style_loop()
+        """Run the recipe to its last step and return what it produced; ``output.dir`` is unlocked on return or error."""
+        try:
+            if not hasattr(self, "tuned"):
+                self.setup()
+            if self.accelerator.is_main_process:
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+                (self.output_dir / RECIPE_FILE).write_text(yaml.safe_dump(self.recipe.to_dict(), sort_keys=False))
+                if not self.resume and self.metrics_path.exists():
+                    self.metrics_path.unlink()
+            run = getattr(self.objective, "run", None)
+            if callable(run):  # an objective with a loop of its own (e.g. PPO rollouts)
+                return run(self, self.objective_options)
+            return self._sft_style_loop()
+        finally:
+            self.run_lock.release()
 
     def _sft_style_loop(self) -> TrainResult:
         from tqdm.auto import tqdm
