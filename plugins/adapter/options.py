@@ -11,6 +11,8 @@ __all__ = ["AdapterOptions", "DEFAULT_REDUCTION_FACTOR"]
 
 # AdapterHub's default for both the Houlsby and the Pfeiffer configurations.
 DEFAULT_REDUCTION_FACTOR = 16.0
+# Widest bottleneck: past the width of any released model's layers (16384 for Llama-3.1-405B).
+MAX_BOTTLENECK_SIZE = 65536
 
 
 @dataclass
@@ -22,7 +24,7 @@ class AdapterOptions:
     ``reduction_factor=16``.
 
     Attributes:
-        bottleneck_size: width ``m`` of the bottleneck (the same in every adapted layer).
+        bottleneck_size: width ``m`` of the bottleneck (the same in every adapted layer; 1..MAX_BOTTLENECK_SIZE).
         reduction_factor: ``hidden / m``; the width is ``max(1, floor(hidden / reduction_factor))``
             where ``hidden`` is the output width of each adapted layer.
         nonlinearity: the activation ``f`` between the down- and up-projection.
@@ -53,6 +55,11 @@ class AdapterOptions:
             )
         if self.bottleneck_size is not None and self.bottleneck_size < 1:
             problems.append(f"option 'bottleneck_size' = {self.bottleneck_size!r} must be >= 1")
+        if self.bottleneck_size is not None and self.bottleneck_size > MAX_BOTTLENECK_SIZE:
+            problems.append(
+                f"option 'bottleneck_size' = {self.bottleneck_size!r} is too large: must be <= {MAX_BOTTLENECK_SIZE} "
+                "(wider than any model's layers); use reduction_factor for a width relative to the layer"
+            )
         if self.reduction_factor is not None and not self.reduction_factor > 0:
             problems.append(f"option 'reduction_factor' = {self.reduction_factor!r} must be > 0")
         if self.target_modules is not None:

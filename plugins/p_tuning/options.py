@@ -5,6 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+#: Most virtual tokens: each one is prepended to every input, and 65536 is past any context window
+#: a PEFT run trains with (the paper's best settings use 5-100).
+MAX_VIRTUAL_TOKENS = 65536
+#: Widest encoder and deepest LSTM: past any model's hidden size, and 16x the paper's 2 layers.
+MAX_ENCODER_HIDDEN_SIZE = 65536
+MAX_ENCODER_LAYERS = 32
+
 __all__ = ["PTuningOptions"]
 
 
@@ -32,10 +39,21 @@ class PTuningOptions:
         problems = []
         if self.num_virtual_tokens < 1:
             problems.append(f"option 'num_virtual_tokens' = {self.num_virtual_tokens!r} must be >= 1")
+        if self.num_virtual_tokens > MAX_VIRTUAL_TOKENS:
+            problems.append(
+                f"option 'num_virtual_tokens' = {self.num_virtual_tokens!r} is too large: must be <= {MAX_VIRTUAL_TOKENS} "
+                "(every input gets that many tokens more)"
+            )
         if self.encoder_hidden_size is not None and self.encoder_hidden_size < 1:
             problems.append(f"option 'encoder_hidden_size' = {self.encoder_hidden_size!r} must be >= 1 (or None)")
         if self.encoder_num_layers < 1:
             problems.append(f"option 'encoder_num_layers' = {self.encoder_num_layers!r} must be >= 1")
+        if self.encoder_num_layers > MAX_ENCODER_LAYERS:
+            problems.append(f"option 'encoder_num_layers' = {self.encoder_num_layers!r} is too large: must be <= {MAX_ENCODER_LAYERS}")
+        if self.encoder_hidden_size is not None and self.encoder_hidden_size > MAX_ENCODER_HIDDEN_SIZE:
+            problems.append(
+                f"option 'encoder_hidden_size' = {self.encoder_hidden_size!r} is too large: must be <= {MAX_ENCODER_HIDDEN_SIZE} (or None)"
+            )
         if not 0.0 <= self.encoder_dropout < 1.0:
             problems.append(f"option 'encoder_dropout' = {self.encoder_dropout!r} must be in [0, 1)")
         if self.encoder == "mlp":

@@ -6,6 +6,19 @@ from dataclasses import dataclass, field
 
 __all__ = ["PPOOptions"]
 
+#: Largest loss weights (kl_coef, ptx_coef, vf_coef) and score penalty: a term 1000x the others is the
+#: only term (set the others to 0 instead), and larger ones overflow float32 gradients.
+MAX_WEIGHT = 1000.0
+#: Most tokens per response or pretraining example, and examples per minibatch: past any context window
+#: and any accelerator's memory.
+MAX_TOKENS = 2**20
+MAX_BATCH = 2**20
+#: Most optimisation passes over one rollout (the paper's PPO uses 4; more only overfits the rollout).
+MAX_PPO_EPOCHS = 1000
+#: Sampling temperature range: below 0.01 sampling is argmax, above 100 it is uniform noise, and the
+#: log-probabilities of logits / temperature overflow at the extremes.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0
+
 
 @dataclass
 class PPOOptions:
@@ -18,7 +31,8 @@ class PPOOptions:
             When null, the policy is a fresh adapter of ``method`` and the reference is the bare base.
 
     Sampling:
-        max_new_tokens: response length limit. temperature, top_k (0: off), top_p: sampling
+        max_new_tokens: response length limit (<= MAX_TOKENS). temperature (MIN_TEMPERATURE..MAX_TEMPERATURE),
+            top_k (0: off), top_p: sampling
             (the log-probabilities PPO uses are those of the same tempered distribution).
         stop_tokens: extra single tokens that end a response (the tokenizer's EOS always does).
         missing_eos_penalty: subtracted from the score of a response that hit max_new_tokens
@@ -73,6 +87,18 @@ class PPOOptions:
                 problems.append(f"option {key!r} = {getattr(self, key)!r} must be >= 1")
         if self.temperature <= 0:
             problems.append(f"option 'temperature' = {self.temperature!r} must be > 0")
+        elif not MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE:
+            problems.append(
+                f"option 'temperature' = {self.temperature!r} must be in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}] "
+                "(outside it sampling is argmax or noise, and log-probabilities overflow)"
+            )
+        for key, limit in (("max_new_tokens", MAX_TOKENS), ("ptx_max_length", MAX_TOKENS), ("minibatch_size", MAX_BATCH),
+                           ("ptx_batch_size", MAX_BATCH), ("ppo_epochs", MAX_PPO_EPOCHS)):
+            if getattr(self, key) > limit:
+                problems.append(f"option {key!r} = {getattr(self, key)!r} is too large: must be <= {limit}")
+        for key in ("kl_coef", "ptx_coef", "vf_coef", "missing_eos_penalty"):
+            if getattr(self, key) > MAX_WEIGHT:
+                problems.append(f"option {key!r} = {getattr(self, key)!r} is too large: must be <= {MAX_WEIGHT:g} (it would drown every other term)")
         if not 0 < self.top_p <= 1:
             problems.append(f"option 'top_p' = {self.top_p!r} must be in (0, 1]")
         for key in ("kl_coef", "ptx_coef", "vf_coef", "missing_eos_penalty", "top_k"):

@@ -5,6 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+#: Most virtual tokens: each one is prepended to every input, and 65536 is past any context window
+#: a PEFT run trains with (the paper's best settings use 5-100).
+MAX_VIRTUAL_TOKENS = 65536
+#: Widest reparameterization MLP: past any model's key/value width.
+MAX_PROJECTION_HIDDEN_SIZE = 65536
+
 __all__ = ["PrefixTuningOptions"]
 
 
@@ -40,9 +46,18 @@ class PrefixTuningOptions:
         problems = []
         if self.num_virtual_tokens < 1:
             problems.append(f"option 'num_virtual_tokens' = {self.num_virtual_tokens!r} must be >= 1")
+        if self.num_virtual_tokens > MAX_VIRTUAL_TOKENS:
+            problems.append(
+                f"option 'num_virtual_tokens' = {self.num_virtual_tokens!r} is too large: must be <= {MAX_VIRTUAL_TOKENS} "
+                "(every input gets that many tokens more)"
+            )
         if self.projection_hidden_size is not None:
             if self.projection_hidden_size < 1:
                 problems.append(f"option 'projection_hidden_size' = {self.projection_hidden_size!r} must be >= 1")
+            if self.projection_hidden_size > MAX_PROJECTION_HIDDEN_SIZE:
+                problems.append(
+                    f"option 'projection_hidden_size' = {self.projection_hidden_size!r} is too large: must be <= {MAX_PROJECTION_HIDDEN_SIZE}"
+                )
             if not self.projection:
                 problems.append(
                     f"option 'projection_hidden_size' = {self.projection_hidden_size!r} has no effect without "

@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+#: Most virtual tokens: each one is prepended to every input, and 65536 is past any context window
+#: a PEFT run trains with (the paper's best settings use 5-100).
+MAX_VIRTUAL_TOKENS = 65536
+
 __all__ = ["PromptTuningOptions"]
 
 
@@ -38,6 +42,11 @@ class PromptTuningOptions:
         problems = []
         if self.num_virtual_tokens < 1:
             problems.append(f"option 'num_virtual_tokens' = {self.num_virtual_tokens!r} must be >= 1")
+        if self.num_virtual_tokens > MAX_VIRTUAL_TOKENS:
+            problems.append(
+                f"option 'num_virtual_tokens' = {self.num_virtual_tokens!r} is too large: must be <= {MAX_VIRTUAL_TOKENS} "
+                "(every input gets that many tokens more)"
+            )
         if self.init == "text":
             if self.init_token_ids is None and not self.init_text:
                 problems.append("option 'init' = 'text' needs 'init_token_ids' (a list of token ids) or 'init_text'")
