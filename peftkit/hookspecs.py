@@ -7,7 +7,16 @@ any module or object with functions of the same names decorated with
 ``peftkit.plugin_manager().register(obj)``.
 
 Plugins may implement any subset of the hooks and may declare only the
-arguments they use, as usual with pluggy.
+arguments they use, as usual with pluggy. Hook wrappers (``wrapper=True``,
+``hookwrapper=True``) are not supported: peftkit calls implementations one at a
+time so that it can name the one that fails.
+
+A faulty plugin cannot take the others down. An implementation that raises an
+``Exception`` while peftkit runs is reported as one
+:class:`peftkit.errors.PluginError` naming the plugin, its package, the hook and
+the original error (``KeyboardInterrupt`` and ``SystemExit`` pass through). A
+registration hook (``peftkit_register_*``) that raises loses only what that
+plugin registered there; it is listed as failed by ``peftkit plugins``.
 """
 
 from __future__ import annotations
@@ -49,9 +58,15 @@ def peftkit_register_injectors(register: Callable[["Injector"], None]) -> None:
     unique ``name``, a one-line ``description``, an ``options`` dataclass and an
     ``inject(context, options)`` function.
 
-    :param register: callback taking one injector. Registering a name that
-        another plugin already registered raises
-        :class:`peftkit.errors.PluginError` naming both plugins.
+    :param register: callback taking one injector. It raises
+        :class:`peftkit.errors.PluginError` for an object without a string
+        ``name``, a ``description`` or ``options``, or a name this plugin
+        registered before; if that (or anything else) escapes the hook, every
+        method this plugin registered here is dropped, the plugin is listed as
+        failed and the others keep working. A name another plugin registers too
+        goes to the built-in one (a warning names both plugins and packages),
+        unless ``PEFTKIT_PLUGINS`` names the third-party plugin; two third-party
+        plugins claiming one name both lose it, with a warning naming both.
     :returns: nothing; the return value is ignored.
     """
 
@@ -65,8 +80,12 @@ def peftkit_register_objectives(register: Callable[["Objective"], None]) -> None
     a unique ``name``, a one-line ``description`` and an ``options`` dataclass;
     the training loop defines what else it calls.
 
-    :param register: callback taking one objective. Duplicate names raise
-        :class:`peftkit.errors.PluginError` naming both plugins.
+    :param register: callback taking one objective; it checks the object and
+        settles names registered by several plugins exactly as
+        :func:`peftkit_register_injectors` does (built-ins win unless
+        ``PEFTKIT_PLUGINS`` chooses the third-party plugin; two third-party
+        plugins both lose the name). A hook that raises loses only this
+        plugin's objectives.
     :returns: nothing; the return value is ignored.
     """
 
@@ -112,7 +131,8 @@ def peftkit_model_load_kwargs(method: str, options: Any) -> dict[str, Any] | Non
     Lets a method load its base straight into the form it needs, e.g. QLoRA
     returns ``{"quantization_config": BitsAndBytesConfig(...)}`` so the weights
     go to 4-bit without a full-precision copy first. Results of all plugins are
-    merged; two plugins giving the same key is an error.
+    merged; two plugins giving the same key is a :class:`peftkit.errors.PluginError`,
+    and so is an implementation that raises (naming the plugin and its package).
 
     :param method: the method the model is loaded for.
     :param options: that method's validated options object.
@@ -123,6 +143,10 @@ def peftkit_model_load_kwargs(method: str, options: Any) -> dict[str, Any] | Non
 @hookspec
 def peftkit_on_log(step: int, metrics: dict[str, float]) -> None:
     """Called by the training loop each time it logs metrics.
+
+    Raising ``KeyboardInterrupt`` here stops the run as Ctrl-C would; any other
+    exception stops it with a :class:`peftkit.errors.PluginError` naming this
+    plugin, its package and the error.
 
     :param step: the optimizer step the metrics belong to.
     :param metrics: metric name -> value (losses, learning rate, tokens/s, ...).
@@ -137,7 +161,9 @@ def peftkit_register_commands(subparsers: "argparse._SubParsersAction") -> None:
     Call ``subparsers.add_parser(name, help=...)`` and set a ``func`` default
     taking the parsed ``argparse.Namespace`` and returning an exit code, e.g.
     ``parser.set_defaults(func=run)``. A ``PeftkitError`` raised by ``func`` is
-    printed as one error line with exit code 2.
+    printed as one error line with exit code 2. If this hook raises, the
+    commands the plugin added are removed, every other command keeps working,
+    and ``peftkit plugins`` lists the plugin as failed with its error.
 
     :param subparsers: the ``argparse`` subparsers object of the ``peftkit`` parser.
     :returns: nothing; the return value is ignored.

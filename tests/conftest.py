@@ -95,3 +95,33 @@ def interrupt_at(register_plugin):
 
     install.remove = remove
     return install
+
+
+@pytest.fixture
+def fake_distribution(tmp_path, monkeypatch):
+    """Factory: install a fake distribution on ``sys.path`` (``*.dist-info`` with METADATA and
+    ``entry_points.txt`` under ``[peftkit]``, plus its modules from source); removed after the test.
+
+    ``make(dist, modules={"mod": "source"}, entry_points={"ep": "mod"}, version="1.0")``;
+    ``entry_points`` defaults to one entry point per module, named after it.
+    """
+    import importlib
+    import sys
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    modules_made: list[str] = []
+
+    def make(dist: str, modules: dict[str, str], entry_points: dict[str, str] | None = None, version: str = "1.0") -> None:
+        info = tmp_path / f"{dist.replace('-', '_')}-{version}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+        eps = entry_points if entry_points is not None else {m: m for m in modules}
+        (info / "entry_points.txt").write_text("[peftkit]\n" + "".join(f"{n} = {m}\n" for n, m in eps.items()))
+        for module, source in modules.items():
+            (tmp_path / f"{module}.py").write_text(source)
+            modules_made.append(module)
+        importlib.invalidate_caches()  # importlib.metadata caches directory listings
+
+    yield make
+    for module in modules_made:
+        sys.modules.pop(module, None)
