@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+import warnings
+from typing import Any, Callable, Sequence
 
 __all__ = ["main", "build_parser"]
 
@@ -21,25 +22,59 @@ def build_parser() -> argparse.ArgumentParser:
 
     plugin_commands.add_subcommands(sub)
     training_commands.add_subcommands(sub)
-    from peftkit.plugins import plugin_manager
-
-    plugin_manager().hook.peftkit_register_commands(subparsers=sub)
+    _add_plugin_commands(sub)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
-    from peftkit.errors import PeftkitError
+def _add_plugin_commands(sub: argparse._SubParsersAction) -> None:
+    """Let every plugin add commands; one whose hook raises loses the commands it added, the rest keep working."""
+    from peftkit.plugins import plugin_manager
 
-    try:
-        return int(args.func(args) or 0)
-    except PeftkitError as exc:
-        print(f"peftkit: error: {exc}", file=sys.stderr)
-        return 2
+    before: dict[str, Any] = {}
+
+    def kwargs_for(plugin: str) -> dict[str, Any]:
+        before.update(choices=dict(sub.choices), help=list(sub._choices_actions))
+        return {"subparsers": sub}
+
+    def rollback(plugin: str) -> tuple[str, ...]:
+        added = tuple(name for name in sub.choices if name not in before["choices"])
+        sub.choices.clear()
+        sub.choices.update(before["choices"])
+        sub._choices_actions[:] = before["help"]
+        return added
+
+    plugin_manager().call_hook_isolated("peftkit_register_commands", kwargs_for, rollback)
+
+
+def _one_line_plugin_warnings(show: Callable[..., None]) -> Callable[..., None]:
+    """Print plugin warnings as one ``peftkit: warning: ...`` line (the source line of peftkit's ``warn()``
+    call helps nobody); other warnings go to ``show`` as before."""
+    from peftkit.plugins import PluginLoadWarning
+
+    def show_warning(message: Any, category: type[Warning], *where: Any) -> None:
+        if issubclass(category, PluginLoadWarning):
+            print(f"peftkit: warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, *where)
+
+    return show_warning
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_plugin_warnings(warnings.showwarning)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 2
+        from peftkit.errors import PeftkitError
+
+        try:
+            return int(args.func(args) or 0)
+        except PeftkitError as exc:
+            print(f"peftkit: error: {exc}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

@@ -6,12 +6,16 @@ registered by hand on a fresh manager; every test leaves the process-wide manage
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
 from torch import nn
 
 import peftkit
+from peftkit.cli import main
 from peftkit.errors import PluginError, UnknownMethodError
 from peftkit.plugins import PluginLoadWarning, PluginManager, create_plugin_manager, set_plugin_manager
 from peftkit.testing import tiny_llama
@@ -347,4 +351,62 @@ def test_the_users_ctrl_c_during_a_plugin_import_still_stops_the_program(fake_di
     )
     with pytest.raises(KeyboardInterrupt):
         create_plugin_manager(autoload=True)
+
+
+# ---------------------------------------------------------------- the CLI
+
+
+def test_cli_lists_failed_plugins_and_warns_once(fake_distribution, monkeypatch, capsys, process_manager):
+    fake_distribution("peftkit-exits", {"exits": "import sys\nsys.exit(3)"})
+    fake_distribution("peftkit-badreg", {"badreg": raises_in("peftkit_register_injectors", "register")})
+    fake_distribution("peftkit-badcmd", {"badcmd": raises_in("peftkit_register_commands", "subparsers")})
+    monkeypatch.delenv("PEFTKIT_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+
+    assert main(["methods"]) == 0
+    out, err = capsys.readouterr()
+    assert "lora" in out and "exits" in out and "badreg" in out and "SystemExit: 3" in out
+    warnings_printed = [line for line in err.splitlines() if line.startswith("peftkit: warning:")]
+    assert len(warnings_printed) == 3 and len(err.splitlines()) == 3, err
+
+    assert main(["plugins"]) == 0
+    out, err = capsys.readouterr()
+    rows = {line.split()[0]: line for line in out.splitlines()[1:]}
+    assert "failed (import)" in rows["exits"] and "SystemExit: 3" in rows["exits"]
+    assert "failed (peftkit_register_injectors)" in rows["badreg"] and "ValueError: boom" in rows["badreg"]
+    assert "failed (peftkit_register_commands)" in rows["badcmd"]
+    assert " ok " in rows["lora"]
+    assert err == "", "each warning is given once per process"
+
+
+def test_cli_warns_once_for_a_plugin_that_fails_to_import(fake_distribution, tmp_path):
+    fake_distribution("peftkit-broken", {"broken": "import no_such_module_for_peftkit_tests"})
+    env = {k: v for k, v in os.environ.items() if k != "PEFTKIT_DISABLE_PLUGIN_AUTOLOAD"}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-m", "peftkit", "plugins"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("peftkit plugin 'broken'") == 1, done.stderr
+    assert done.stderr.startswith("peftkit: warning: ") and len(done.stderr.splitlines()) == 1
+    (row,) = [line for line in done.stdout.splitlines() if line.startswith("broken")]
+    assert "failed (import)" in row and "ModuleNotFoundError" in row
+
+
+def test_register_commands_raising_leaves_every_other_command_working(register_plugin, capsys):
+    class HalfCommand:
+        @peftkit.hookimpl
+        def peftkit_register_commands(self, subparsers):
+            subparsers.add_parser("half", help="added before the plugin failed").set_defaults(func=lambda args: 0)
+            raise RuntimeError("cannot finish")
+
+    register_plugin(HalfCommand(), name="half-command")
+    assert main(["methods"]) == 0
+    assert "lora" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as info:
+        main(["half"])
+    assert info.value.code == 2, "the failed plugin's half-added command is gone"
+    assert "invalid choice: 'half'" in capsys.readouterr().err
+    assert main(["plugins"]) == 0
+    (row,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("half-command")]
+    assert "failed (peftkit_register_commands)" in row and "RuntimeError: cannot finish" in row
+    (failure,) = [f for f in peftkit.plugin_manager().failures() if f.plugin == "half-command"]
+    assert failure.dropped == ("half",)
 
