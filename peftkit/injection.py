@@ -113,7 +113,7 @@ class InjectionContext:
         if getattr(module, "peftkit_method", None) == self.method:
             module.add_adapter(self.adapter_name, options)
             return module
-        wrapper = self._pm.hook.peftkit_layer_wrapper(method=self.method, layer=innermost_base(module), options=options)
+        wrapper = self._pm.call_hook("peftkit_layer_wrapper", method=self.method, layer=innermost_base(module), options=options)
         if wrapper is None:
             raise TargetError(
                 f"method {self.method!r} cannot wrap {name} of type {type(innermost_base(module)).__name__}: "
