@@ -23,15 +23,7 @@ def wrap(model: nn.Module, method: Any, *, adapter_name: str = "default", **opti
         listing the valid ones.
     :returns: a :class:`TunedModel` whose only trainable parameters are the adapter's.
     """
-    if isinstance(model, TunedModel):
-        return model.add_adapter(adapter_name, method, **options)
-    tuned = TunedModel(model)
-    try:
-        tuned.add_adapter(adapter_name, method, **options)
-    except BaseException:
-        tuned.unload()
-        raise
-    return tuned
+    return attach_adapter(model, lambda tuned: tuned.add_adapter(adapter_name, method, **options), is_trainable=True)
 
 
 def load(
@@ -57,16 +49,24 @@ def load(
 def attach_adapter(model: nn.Module, add: Callable[[TunedModel], Any], is_trainable: bool) -> TunedModel:
     """Run ``add(tuned)`` on ``model`` (wrapped in a new ``TunedModel`` unless it is one).
 
-    A failure leaves a plain ``model`` exactly as it was; an inference-only adapter
-    leaves the model in eval mode.
+    A failure leaves ``model`` exactly as it was (a ``TunedModel``'s own
+    methods are all or nothing; a plain model gets its modules, ``requires_grad``
+    flags and train/eval modes back); an inference-only adapter leaves the
+    model in eval mode.
     """
-    tuned = model if isinstance(model, TunedModel) else TunedModel(model)
-    try:
+    if isinstance(model, TunedModel):
+        tuned = model
         add(tuned)
-    except BaseException:
-        if tuned is not model:
+    else:
+        modes = [(module, module.training) for module in model.modules()]
+        tuned = TunedModel(model)  # puts every module in the model's own mode
+        try:
+            add(tuned)
+        except BaseException:
             tuned.unload()
-        raise
+            for module, mode in modes:
+                module.training = mode
+            raise
     if not is_trainable:
         tuned.eval()
     return tuned

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import re
@@ -236,12 +237,25 @@ def _contiguous_cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def write_adapter(path: str | os.PathLike, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
-    """Write an adapter directory atomically and return its path."""
-    config = {"format_version": FORMAT_VERSION, "peftkit_version": __version__, **config}
+    """Write an adapter directory atomically and return its path.
+
+    ``adapter_config.json`` records the sha256 of ``adapter.safetensors``
+    (``weights_sha256``), so :func:`read_adapter` detects a damaged file.
+    """
     with atomic_directory(path) as tmp:
+        weights = tmp / WEIGHTS_NAME
+        save_file(_contiguous_cpu(tensors), str(weights), metadata={"format": "pt", "producer": "peftkit"})
+        config = {"format_version": FORMAT_VERSION, "peftkit_version": __version__, **config, "weights_sha256": _sha256(weights)}
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        save_file(_contiguous_cpu(tensors), str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "producer": "peftkit"})
     return Path(path)
 
 
@@ -287,8 +301,18 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, tor
     base = config.get("base_model")
     if not isinstance(base, dict) or not isinstance(base.get("targets"), dict):
         problems.append(f"base_model={base!r} (expected an object with 'class' and 'targets')")
+    recorded = config.get("weights_sha256")
+    if recorded is not None and not (isinstance(recorded, str) and re.fullmatch("[0-9a-f]{64}", recorded)):
+        problems.append(f"weights_sha256={recorded!r} (expected 64 hex digits)")
     if problems:
         raise AdapterFormatError(f"{str(config_file)!r} is not a valid peftkit adapter config: " + "; ".join(problems))
+    # Adapters saved before checksums were recorded (and peft imports) have none and load as before.
+    actual = _sha256(weights_file) if recorded is not None else None
+    if actual != recorded:
+        raise AdapterFormatError(
+            f"{str(weights_file)!r} does not match the checksum recorded in {CONFIG_NAME}: the file is damaged "
+            f"(sha256 {actual}, recorded {recorded}); restore it from a copy or save the adapter again"
+        )
     try:
         tensors = load_file(str(weights_file), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:

@@ -13,17 +13,17 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
-from peftkit.errors import AdapterError, AdapterFormatError, MergeNotSupportedError, UnknownMethodError
-from peftkit.injection import InjectionContext, layer_shape, replace_module
+from peftkit.adapter_io import add_adapter_with_state, load_adapter, save_adapter
+from peftkit.errors import AdapterError, MergeNotSupportedError, UnknownMethodError
+from peftkit.injection import InjectionContext, replace_module
 from peftkit.options import build_options, options_to_dict
 from peftkit.plugins import PluginManager, plugin_manager
 from peftkit.registry import is_adapter_layer
-from peftkit.serialization import read_adapter, write_adapter
 
 __all__ = ["TunedModel", "AdapterInfo"]
 
@@ -132,6 +132,10 @@ class TunedModel(nn.Module):
     def add_adapter(self, name: str, method: Any, *, trainable: bool = True, **options: Any) -> "TunedModel":
         """Inject a new adapter called ``name``.
 
+        All or nothing: if injection or a ``peftkit_after_inject`` hook fails,
+        the model is left exactly as it was (modules, adapters, active adapter,
+        ``requires_grad`` flags, train/eval modes).
+
         :param name: adapter name, unique in this model.
         :param method: a registered method name or a method options object.
         :param trainable: whether the adapter's parameters require grad.
@@ -139,6 +143,14 @@ class TunedModel(nn.Module):
         :returns: ``self``. The first adapter becomes active; later ones do not.
         :raises OptionsError, UnknownMethodError, TargetError, AdapterError:
         """
+        injector, opts = self._prepare(name, method, options)
+        with self._all_or_nothing(name):
+            self._inject(name, injector, opts, trainable)
+            self.plugin_manager.call_hook("peftkit_after_inject", model=self, adapter_name=name, method=injector.name)
+        return self
+
+    def _prepare(self, name: str, method: Any, options: dict[str, Any], *, owner: str | None = None) -> tuple[Any, Any]:
+        """Check that adapter ``name`` can be added and build its options; changes nothing."""
         if not isinstance(name, str) or not name or "." in name:
             raise AdapterError(f"adapter name must be a non-empty string without '.', got {name!r}")
         if name in self._adapters:
@@ -148,25 +160,47 @@ class TunedModel(nn.Module):
         injector, given = self._injector(method)
         if given is not None and options:
             raise AdapterError(f"pass either an options object or keyword options for {injector.name!r}, not both")
-        opts = given if given is not None else build_options(injector.options, options, owner=f"method {injector.name!r}")
-        if given is not None:  # re-validate an object built by hand
-            opts = build_options(injector.options, options_to_dict(given), owner=f"method {injector.name!r}")
+        # An object built by hand is re-validated like keyword options.
+        values = options_to_dict(given) if given is not None else options
+        return injector, build_options(injector.options, values, owner=owner or f"method {injector.name!r}")
+
+    def _inject(self, name: str, injector: Any, opts: Any, trainable: bool) -> None:
         context = InjectionContext(self, name, injector.name, self.plugin_manager)
-        try:
-            injector.inject(context, opts)
-        except BaseException:
-            self._remove_adapter_modules(name)
-            raise
+        injector.inject(context, opts)
         if not self._layers_of(name):
-            self._remove_adapter_modules(name)
             raise AdapterError(f"method {injector.name!r} injected no adapter module for adapter {name!r} (a bug in its plugin)")
         self._adapters[name] = AdapterInfo(injector.name, opts, dict(context.targets), trainable)
         self.train(self.training)  # new modules start in training mode; match the model
         if self._active is None:
             self._active = name
         self._apply_state()
-        self.plugin_manager.hook.peftkit_after_inject(model=self, adapter_name=name, method=injector.name)
-        return self
+
+    def _snapshot(self) -> Callable[[str], None]:
+        """Capture the bookkeeping, ``requires_grad`` flags and modes; the result restores them and drops adapter ``name``."""
+        adapters, active, merged, disabled = dict(self._adapters), self._active, list(self._merged), self._disabled
+        flags = [(p, p.requires_grad) for p in self.parameters()]
+        modes = [(m, m.training) for m in self.modules()]
+
+        def restore(name: str) -> None:
+            self._remove_adapter_modules(name)
+            self._adapters, self._active, self._merged, self._disabled = adapters, active, merged, disabled
+            self._apply_state()  # shared layers' active adapters
+            for param, flag in flags:
+                param.requires_grad_(flag)
+            for module, mode in modes:
+                module.training = mode
+
+        return restore
+
+    @contextlib.contextmanager
+    def _all_or_nothing(self, name: str) -> Iterator[None]:
+        """Undo whatever the block did if it raises anything (``KeyboardInterrupt`` too); ``name`` is the new adapter."""
+        restore = self._snapshot()
+        try:
+            yield
+        except BaseException:
+            restore(name)
+            raise
 
     def set_adapter(self, name: str) -> None:
         """Make adapter ``name`` the active one."""
@@ -321,51 +355,38 @@ class TunedModel(nn.Module):
             raise AdapterError("this model has no adapter to save")
         self._check_name(name)
         state: dict[str, torch.Tensor] = {}
-        for path, layer in self._layers_of(name):
-            prefix = _ATTACHED if path.startswith(_ATTACHED + ".") else _normalize_path(path.removeprefix("base_model."))
+        for prefix, layer in self._keyed_layers_of(name):
             for key, tensor in layer.adapter_state_dict(name, training=training).items():
-                state[f"{prefix}.{key}"] = tensor
+                state[prefix + key] = tensor
         return state
+
+    def _keyed_layers_of(self, name: str) -> list[tuple[str, nn.Module]]:
+        """``(key prefix in the saved file, layer)`` for every layer holding adapter ``name``."""
+        return [
+            (f"{_ATTACHED if path.startswith(_ATTACHED + '.') else _normalize_path(path.removeprefix('base_model.'))}.", layer)
+            for path, layer in self._layers_of(name)
+        ]
 
     def save(self, path: str | os.PathLike, *, adapter_name: str | None = None, training: bool = False) -> None:
         """Write adapter ``adapter_name`` (default: the active one) to directory ``path``, atomically.
 
         :param training: also keep training-only tensors (a resumable checkpoint).
+        :raises AdapterError: if a tensor holds NaN/inf (nothing is written; a previous copy stays).
+        :raises SaveError: if writing fails (disk full, ...); a previous copy stays.
         """
-        name = adapter_name or self._active
-        if name is None:
-            raise AdapterError("this model has no adapter to save")
-        self._check_name(name)
-        if name in self._merged:
-            raise AdapterError(f"adapter {name!r} is merged; unmerge() before saving it")
-        info = self._adapters[name]
-        config = {
-            "method": info.method,
-            "options": options_to_dict(info.options),
-            "training_state": training,
-            "base_model": {"class": type(self.base_model).__name__, "targets": info.targets},
-        }
-        write_adapter(path, config, self.adapter_state_dict(name, training=training))
+        save_adapter(self, path, adapter_name or self._active, training=training)
 
     def load_adapter(self, path: str | os.PathLike, adapter_name: str | None = None, *, is_trainable: bool = False) -> str:
         """Load an adapter directory into this model under ``adapter_name`` (default ``"default"``).
 
+        Checked as :meth:`add_adapter_with_state` says, after the directory's
+        checksum and base-model fingerprint; all or nothing.
+
         :returns: the adapter name.
-        :raises AdapterFormatError: for a missing/corrupt directory or one made for another model.
+        :raises AdapterFormatError: for a missing/corrupt/damaged directory or one made for another model.
         :raises UnknownMethodError: if the adapter's method is not installed.
         """
-        config, tensors = read_adapter(path)
-        name = adapter_name or "default"
-        method = config["method"]
-        try:
-            self.plugin_manager.get_injector(method)
-        except UnknownMethodError as exc:
-            raise UnknownMethodError(
-                f"adapter {str(path)!r} was made with method {method!r}, which no installed plugin provides ({exc})"
-            ) from None
-        self._check_fingerprint(path, config)
-        self.add_adapter_with_state(name, method, config["options"], tensors, trainable=is_trainable, source=path)
-        return name
+        return load_adapter(self, path, adapter_name or "default", trainable=is_trainable)
 
     def add_adapter_with_state(
         self,
@@ -379,48 +400,14 @@ class TunedModel(nn.Module):
     ) -> None:
         """Inject adapter ``name`` and fill it with saved ``tensors`` (keyed as :meth:`adapter_state_dict` gives them).
 
-        All or nothing: if the tensors do not fit, the adapter is removed again.
+        Checked before anything is allocated: every tensor is finite, every
+        option is a finite number, and the tensor shapes the options would
+        create match ``tensors`` (an edited ``r = 10**12`` is refused, not
+        allocated); while filling, every tensor's dtype is the kind of number
+        the layer holds. All or nothing: on any failure the model is as before.
 
-        :param source: what the tensors came from, for error messages.
-        :raises AdapterFormatError: tensors missing, extra or of the wrong shape.
+        :param source: what the tensors came from (the adapter directory), for error messages.
+        :raises AdapterFormatError: non-finite values; tensors missing, extra, or of the wrong shape or dtype.
+        :raises OptionsError: options the method refuses (naming ``source``'s adapter_config.json).
         """
-        self.add_adapter(name, method, trainable=trainable, **options)
-        try:
-            self._load_state(name, tensors, source)
-        except BaseException:
-            self.delete_adapter(name)
-            raise
-
-    def _check_fingerprint(self, path: Any, config: dict[str, Any]) -> None:
-        problems = []
-        for module_name, shape in config["base_model"]["targets"].items():
-            try:
-                module = self.base_model.get_submodule(module_name)
-            except AttributeError:
-                problems.append(f"module {module_name!r} does not exist in {type(self.base_model).__name__}")
-                continue
-            actual = layer_shape(module)
-            if list(shape) != actual:
-                problems.append(f"module {module_name!r} has shape {actual}, the adapter expects {list(shape)}")
-        if problems:
-            saved_cls = config["base_model"].get("class")
-            raise AdapterFormatError(
-                f"adapter {str(path)!r} was made for another base model ({saved_cls}): "
-                + "; ".join(problems[:5])
-                + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
-                + ". Load it onto the model it was trained on."
-            )
-
-    def _load_state(self, name: str, tensors: dict[str, torch.Tensor], path: Any) -> None:
-        remaining = dict(tensors)
-        for layer_path, layer in self._layers_of(name):
-            prefix = _ATTACHED if layer_path.startswith(_ATTACHED + ".") else _normalize_path(layer_path.removeprefix("base_model."))
-            prefix += "."
-            own = {k[len(prefix):]: remaining.pop(k) for k in list(remaining) if k.startswith(prefix)}
-            try:
-                layer.load_adapter_state_dict(name, own)
-            except (KeyError, RuntimeError, ValueError) as exc:
-                raise AdapterFormatError(f"adapter {str(path)!r}: tensors for module {prefix[:-1]!r} do not fit: {exc}") from None
-        if remaining:
-            listing = ", ".join(sorted(remaining)[:5])
-            raise AdapterFormatError(f"adapter {str(path)!r} holds tensors no module of this model takes: {listing}")
+        add_adapter_with_state(self, name, method, options, tensors, trainable=trainable, source=source)

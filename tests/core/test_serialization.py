@@ -81,8 +81,16 @@ def test_missing_and_corrupt_files(tmp_path, trained):
         peftkit.load(tiny_llama(), path)
 
 
+def _drop_checksum(path):
+    """Make ``path`` look like an adapter saved before checksums were recorded."""
+    config = json.loads((path / "adapter_config.json").read_text())
+    del config["weights_sha256"]
+    (path / "adapter_config.json").write_text(json.dumps(config))
+
+
 def test_corrupt_weights_file(trained):
     _, path = trained
+    _drop_checksum(path)  # the reader's own checks, without the checksum's
     data = (path / "adapter.safetensors").read_bytes()
     (path / "adapter.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(AdapterFormatError, match="corrupt or not a safetensors file"):
@@ -91,6 +99,7 @@ def test_corrupt_weights_file(trained):
 
 def test_weights_that_do_not_fit(trained):
     tuned, path = trained
+    _drop_checksum(path)
     state = {k: v.clone() for k, v in tuned.adapter_state_dict().items()}
     state["model.layers.0.self_attn.q_proj.lora_A.weight"] = torch.zeros(3, 32)
     save_file(state, str(path / "adapter.safetensors"))
@@ -105,6 +114,7 @@ def test_weights_that_do_not_fit(trained):
 
 def test_failed_load_leaves_model_untouched(trained):
     _, path = trained
+    _drop_checksum(path)
     (path / "adapter.safetensors").write_bytes(b"garbage")
     model = tiny_llama()
     with pytest.raises(AdapterFormatError):
