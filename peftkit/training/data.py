@@ -5,6 +5,14 @@ Records are read through the ``datasets`` library: local ``.jsonl``/``.json``/
 from the hub when it is reachable). The objective turns records into examples
 (:meth:`peftkit.registry.Objective.prepare_data`).
 
+Each record is a :class:`Record`, a dict that remembers its file and number,
+so an objective that refuses one (:class:`RecordError`, with its position in
+the list it was given) is reported against the file. A local file that
+``datasets`` cannot read is examined here instead, so the error names the
+line (or byte offset) and what is wrong: bad JSON, a line that is not an
+object, a field whose type changes between records, bytes that are not
+UTF-8, an empty file.
+
 :class:`BatchOrder` yields batches of example indices in a per-epoch shuffled
 order that depends only on ``(seed, epoch)``, and its position
 ``(epoch, batch_in_epoch)`` is all a checkpoint needs to continue exactly where
@@ -14,6 +22,7 @@ the shuffled order, so together they see each example once per epoch.
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +32,7 @@ import torch
 
 from peftkit.errors import PeftkitError
 
-__all__ = ["DataError", "load_records", "split_records", "BatchOrder"]
+__all__ = ["DataError", "DataWarning", "Record", "RecordError", "require_string", "read_text", "load_records", "split_records", "BatchOrder"]
 
 _FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -32,32 +41,139 @@ class DataError(PeftkitError, ValueError):
     """Data that cannot be read or trained on."""
 
 
-def load_records(source: str) -> list[dict[str, Any]]:
-    """Every record of a local file or dataset, as a list of dicts.
+class DataWarning(UserWarning):
+    """Data that trains, but probably not as meant (e.g. empty replies)."""
+
+
+class Record(dict):
+    """One record: its fields, plus ``source`` (the file or dataset) and ``number`` (1-based) for messages."""
+
+    def __init__(self, fields: dict[str, Any], source: str, number: int):
+        super().__init__(fields)
+        self.source, self.number = source, number
+
+
+class RecordError(DataError):
+    """An objective refusing record ``index`` of the list it was given; ``problem`` says why."""
+
+    def __init__(self, index: int, problem: str):
+        super().__init__(f"record {index}: {problem}")
+        self.index, self.problem = index, problem
+
+    def located(self, records: list[dict[str, Any]]) -> DataError:
+        """The same error naming the file and record number, when ``records[index]`` knows them."""
+        record = records[self.index] if 0 <= self.index < len(records) else None
+        if not isinstance(record, Record):
+            return self
+        return DataError(f"data {record.source!r}, record {record.number}: {self.problem}")
+
+
+def require_string(value: Any, what: str, index: int) -> str:
+    """``value`` if it is a string; otherwise a :class:`RecordError` for record ``index`` naming ``what`` it is.
+
+    Objectives call it on every text field: ``str()`` of ``None`` or of a list would train on ``"None"`` or a repr.
+    """
+    if isinstance(value, str):
+        return value
+    kind = type(value).__name__
+    shown = "null" if value is None else f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} ({value!r:.60})"
+    raise RecordError(index, f"{what} is {shown}, not a string; fix or drop the record")
+
+
+def load_records(source: str) -> list[Record]:
+    """Every record of a local file or dataset, in order.
 
     :param source: a ``.jsonl``/``.json``/``.csv``/``.parquet`` path, or ``name[:split]`` of a dataset.
-    :raises DataError: naming the source and the cause.
+    :raises DataError: naming the source and the cause (for a local text file, the line or byte offset).
     """
     import datasets
 
     datasets.disable_progress_bars()
     suffix = Path(source).suffix.lower()
+    if suffix in _FORMATS and not Path(source).is_file():
+        raise DataError(f"data file {source!r} does not exist")
     try:
         if suffix in _FORMATS:
-            if not Path(source).is_file():
-                raise DataError(f"data file {source!r} does not exist")
             ds = datasets.load_dataset(_FORMATS[suffix], data_files=source, split="train")
         else:
             name, _, split = source.partition(":")
             ds = datasets.load_dataset(name, split=split or "train")
-    except DataError:
-        raise
+        rows = [dict(r) for r in ds]  # reading the rows can fail too (e.g. bytes that are not UTF-8)
     except Exception as exc:  # datasets raises many types; the user needs the source and the cause
+        problem = _explain_unreadable(Path(source)) if suffix in _FORMATS else None
+        if problem:
+            raise DataError(f"data file {source!r}: {problem}") from None
         raise DataError(
             f"cannot read data {source!r}: {type(exc).__name__}: {exc}. Use a local .jsonl/.json/.csv/.parquet file "
             "or a dataset name reachable from this machine."
         ) from None
-    return [dict(r) for r in ds]
+    if not rows:
+        raise DataError(f"data {source!r} holds no records; give a file with at least one")
+    return [Record(row, source, number) for number, row in enumerate(rows, start=1)]
+
+
+def read_text(path: Path) -> str:
+    """The text of a local data file.
+
+    :raises DataError: naming the file and the byte offset (and line) of the first byte that is not UTF-8.
+    """
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise DataError(
+            f"data file {str(path)!r}: byte offset {exc.start} (line {line}) is 0x{data[exc.start]:02x}, which is not "
+            "UTF-8; save the file as UTF-8"
+        ) from None
+
+
+def _explain_unreadable(path: Path) -> str | None:
+    """What makes a local data file unreadable, with its line or byte offset; ``None`` if nothing is found."""
+    if path.suffix.lower() == ".parquet":
+        return None
+    text = read_text(path)
+    if not text.strip():
+        return "the file is empty; give a file with at least one record"
+    if path.suffix.lower() == ".jsonl":
+        return _explain_jsonl(text)
+    if path.suffix.lower() == ".json":
+        try:
+            content = json.loads(text)
+        except json.JSONDecodeError as exc:
+            return f"line {exc.lineno}, column {exc.colno} is not valid JSON ({exc.msg})"
+        if not content:
+            return f"the file holds no records (an empty JSON {_json_kind(content)}); give a list of objects"
+    return None
+
+
+def _json_kind(value: Any) -> str:
+    kinds = {str: "string", bool: "boolean", int: "number", float: "number", list: "list", dict: "object"}
+    return kinds.get(type(value), type(value).__name__)
+
+
+def _explain_jsonl(text: str) -> str | None:
+    """The first line of a JSON-lines text that is not a JSON object, or whose field changes type."""
+    first_kind: dict[str, tuple[str, int]] = {}  # field -> (kind, line where it was first seen)
+    for number, line in enumerate(text.split("\n"), start=1):  # not splitlines(): JSON strings may hold U+2028
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            return f"line {number} is not valid JSON ({exc.msg} at column {exc.colno}); one JSON object per line"
+        if not isinstance(record, dict):
+            return f"line {number} is a JSON {_json_kind(record)}, not an object; one JSON object per line"
+        for key, value in record.items():
+            if value is None:
+                continue
+            kind, seen = first_kind.setdefault(key, (_json_kind(value), number))
+            if kind != _json_kind(value):
+                return (
+                    f"line {number}: field {key!r} is a {_json_kind(value)} ({value!r:.60}) but a {kind} on line {seen}; "
+                    "a field must have one type in every record"
+                )
+    return None
 
 
 def split_records(records: list[dict[str, Any]], eval_size: int, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

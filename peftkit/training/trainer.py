@@ -39,7 +39,7 @@ import torch
 import yaml
 from torch import nn
 
-from peftkit.training.data import BatchOrder, DataError, load_records, split_records
+from peftkit.training.data import BatchOrder, DataError, RecordError, load_records, split_records
 from peftkit.training.checkpoint import (
     ADAPTER_DIR,
     CHECKPOINT_DIR,
@@ -325,12 +325,18 @@ class Trainer:
             train_records, eval_records = records, []
         if data.max_train_samples is not None:
             train_records = train_records[: data.max_train_samples]
-        prepare = self.objective.prepare_data
-        train = prepare(train_records, self.tokenizer, self.objective_options, data.max_length)
-        evals = prepare(eval_records, self.tokenizer, self.objective_options, data.max_length) if eval_records else []
+        train = self._prepare_examples(train_records)
+        evals = self._prepare_examples(eval_records) if eval_records else []
         if not train:
             raise DataError(f"data.train = {data.train!r}: no usable training example after preparation")
         return train, evals
+
+    def _prepare_examples(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The objective's examples of ``records``; a record it refuses is named by file and number."""
+        try:
+            return self.objective.prepare_data(records, self.tokenizer, self.objective_options, self.recipe.data.max_length)
+        except RecordError as exc:
+            raise exc.located(records) from None
 
     # ============================================================ pieces
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -390,7 +396,7 @@ class Trainer:
         with open(self.metrics_path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
         metrics = {k: float(v) for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
-        self.pm.hook.peftkit_on_log(step=int(record["step"]), metrics=metrics)
+        self.pm.call_hook("peftkit_on_log", step=int(record["step"]), metrics=metrics)
 
     def save_checkpoint(self) -> None:
         """Write ``checkpoint/`` atomically: the adapter (training form) and every piece of loop state.

@@ -14,7 +14,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
-from peftkit.training.data import BatchOrder, DataError, load_records
+from peftkit.training.data import BatchOrder, DataError, RecordError, load_records, read_text, require_string
 from peftkit_plugins.reward.formatting import encode_prompt
 
 __all__ = ["prepare_prompts", "collate_prompts", "load_ptx_texts", "tokenize_ptx", "PtxStream"]
@@ -24,9 +24,9 @@ def prepare_prompts(records: Sequence[Mapping[str, Any]], tokenizer: Any, option
     """``{"prompt_ids": [...], "prompt": str}`` per record (prompts longer than ``max_length`` keep their end)."""
     examples = []
     for index, record in enumerate(records):
-        prompt = record.get("prompt")
-        if not isinstance(prompt, str):
-            raise DataError(f"ppo prompt record {index} has keys {sorted(record)}; it needs a 'prompt' string")
+        if "prompt" not in record:
+            raise RecordError(index, f"its keys are {sorted(record)}; PPO prompt data needs a 'prompt' string")
+        prompt = require_string(record["prompt"], "'prompt'", index)
         ids = encode_prompt(tokenizer, prompt, chat_template=getattr(options, "chat_template", True))
         examples.append({"prompt_ids": ids[-max_length:], "prompt": prompt})
     return examples
@@ -47,12 +47,15 @@ def load_ptx_texts(source: str) -> list[str]:
     if path.suffix.lower() == ".txt":
         if not path.is_file():
             raise DataError(f"ptx_data file {source!r} does not exist")
-        texts = [" ".join(p.split()) for p in path.read_text().split("\n\n")]
+        texts = [" ".join(p.split()) for p in read_text(path).split("\n\n")]
     else:
         records = load_records(source)
         if records and "text" not in records[0]:
             raise DataError(f"ptx_data {source!r}: records have keys {sorted(records[0])}; PPO-ptx needs a 'text' field")
-        texts = [str(r["text"]) for r in records]
+        try:
+            texts = [require_string(record.get("text"), "'text'", index) for index, record in enumerate(records)]
+        except RecordError as exc:
+            raise exc.located(records) from None
     texts = [t for t in texts if t.strip()]
     if not texts:
         raise DataError(f"ptx_data {source!r} holds no text")

@@ -18,28 +18,34 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from peftkit.errors import PeftkitError
+from peftkit.training.data import RecordError, require_string
 from peftkit_plugins.reward.formatting import encode_prompt, encode_response
 
 __all__ = ["record_responses", "prepare_data", "collate"]
 
 
 def record_responses(record: Mapping[str, Any], index: int) -> tuple[str, list[str]]:
-    """``(prompt, responses best first)`` of a record, or a ``PeftkitError`` naming what is wrong."""
+    """``(prompt, responses best first)`` of a record.
+
+    :raises RecordError: naming what is wrong: missing keys, fewer than two responses, or a prompt or
+        response that is not a string (``str()`` of it would score text such as ``None``).
+    """
     prompt = record.get("prompt")
     if isinstance(record.get("responses"), (list, tuple)):
+        fields = [f"'responses' item {k}" for k in range(len(record["responses"]))]
         responses = list(record["responses"])
     elif "chosen" in record and "rejected" in record:
-        responses = [record["chosen"], record["rejected"]]
+        fields, responses = ["'chosen'", "'rejected'"], [record["chosen"], record["rejected"]]
     else:
-        raise PeftkitError(
-            f"reward data record {index} has keys {sorted(record)}; expected prompt + chosen + rejected, "
-            "or prompt + responses (a list ranked best first)"
+        raise RecordError(
+            index,
+            f"its keys are {sorted(record)}; reward data needs prompt + chosen + rejected, or prompt + responses "
+            "(a list ranked best first)",
         )
-    if not isinstance(prompt, str) or len(responses) < 2 or not all(isinstance(r, str) for r in responses):
-        raise PeftkitError(
-            f"reward data record {index}: prompt must be a string and there must be >= 2 string responses, "
-            f"got prompt={prompt!r:.60} and {len(responses)} response(s)"
-        )
+    if len(responses) < 2:
+        raise RecordError(index, f"'responses' holds {len(responses)} response(s); a ranking needs at least 2")
+    for field, value in [("'prompt'", prompt), *zip(fields, responses)]:
+        require_string(value, field, index)
     return prompt, responses
 
 

@@ -9,11 +9,12 @@ every position never exist at once.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Mapping, Sequence
 
 import torch
 
-from peftkit.training.data import DataError
+from peftkit.training.data import DataError, DataWarning
 from peftkit.training.losses import (
     IGNORE_INDEX,
     chunked_cross_entropy,
@@ -23,7 +24,7 @@ from peftkit.training.losses import (
 )
 from peftkit.registry import ObjectiveLoss
 from peftkit_plugins.sft.options import SftOptions
-from peftkit_plugins.sft.tokenize import targets, to_messages, tokenize_conversation
+from peftkit_plugins.sft.tokenize import empty_replies, targets, to_messages, tokenize_conversation
 
 __all__ = ["SftObjective"]
 
@@ -35,10 +36,15 @@ class SftObjective:
 
     # ------------------------------------------------------------------ data
     def prepare_data(self, records: Sequence[Mapping[str, Any]], tokenizer: Any, options: SftOptions, max_length: int) -> list[dict[str, Any]]:
-        """Tokenize records; examples whose replies are cut away by ``max_length`` are dropped (and counted)."""
-        examples, dropped = [], 0
+        """Tokenize records; examples whose replies are cut away by ``max_length`` are dropped (and counted).
+
+        :raises RecordError: for a record that is not a chat or prompt/response pair of strings.
+        """
+        examples, dropped, empty = [], 0, 0
         for index, record in enumerate(records):
-            ids, is_target = tokenize_conversation(tokenizer, to_messages(record, options, index), index)
+            messages = to_messages(record, options, index)
+            empty += empty_replies(messages)
+            ids, is_target = tokenize_conversation(tokenizer, messages, index)
             ids, is_target = ids[:max_length], is_target[:max_length]
             if not any(is_target[1:]):  # position 0 is never predicted
                 dropped += 1
@@ -47,6 +53,13 @@ class SftObjective:
             if options.lm_weight > 0:
                 example["prompt_labels"] = targets(ids, [not m for m in is_target])
             examples.append(example)
+        if empty:
+            warnings.warn(
+                f"peftkit sft: {empty} empty assistant repl{'y' if empty == 1 else 'ies'} in {len(records)} records; each "
+                "teaches the model to end its turn at once. Fill or drop them if that is not meant",
+                DataWarning,
+                stacklevel=2,
+            )
         if dropped:
             print(f"peftkit sft: dropped {dropped} of {len(records)} examples whose reply starts after data.max_length = {max_length}")
         if records and not examples:

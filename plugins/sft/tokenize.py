@@ -19,32 +19,48 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from peftkit.training.data import DataError
+from peftkit.training.data import RecordError, require_string
 from peftkit.training.losses import IGNORE_INDEX
 
-__all__ = ["to_messages", "tokenize_conversation"]
+__all__ = ["to_messages", "tokenize_conversation", "empty_replies"]
 
 
 def to_messages(record: Mapping[str, Any], options: Any, index: int) -> list[dict[str, str]]:
-    """The chat messages of one record (a ``messages`` list, or a prompt/response pair)."""
-    if options.messages_key in record and record[options.messages_key] is not None:
-        messages = record[options.messages_key]
+    """The chat messages of one record (a ``messages`` list, or a prompt/response pair).
+
+    :raises RecordError: for a record without them, or with a role, content, prompt or reply that is not a string
+        (``str()`` of it would train on text such as ``None`` or a list's repr).
+    """
+    key = options.messages_key
+    if key in record and record[key] is not None:
+        messages = record[key]
         if not isinstance(messages, list) or not all(isinstance(m, Mapping) and "role" in m and "content" in m for m in messages):
-            raise DataError(f"record {index}: {options.messages_key!r} must be a list of {{'role', 'content'}} dicts, got {messages!r:.200}")
+            raise RecordError(index, f"{key!r} must be a list of {{'role', 'content'}} dicts, got {messages!r:.200}")
+        for turn, message in enumerate(messages):
+            for field in ("role", "content"):
+                require_string(message[field], f"{key!r} message {turn} {field!r}", index)
         if not any(m["role"] == "assistant" for m in messages):
-            raise DataError(f"record {index}: {options.messages_key!r} has no assistant message, so nothing to train on")
-        return [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
+            raise RecordError(index, f"{key!r} has no assistant message, so nothing to train on")
+        return [{"role": m["role"], "content": m["content"]} for m in messages]
     if options.prompt_key in record and options.response_key in record:
+        require_string(record[options.prompt_key], repr(options.prompt_key), index)
+        require_string(record[options.response_key], repr(options.response_key), index)
         messages = [] if options.system_prompt is None else [{"role": "system", "content": options.system_prompt}]
         messages += [
-            {"role": "user", "content": str(record[options.prompt_key])},
-            {"role": "assistant", "content": str(record[options.response_key])},
+            {"role": "user", "content": record[options.prompt_key]},
+            {"role": "assistant", "content": record[options.response_key]},
         ]
         return messages
-    raise DataError(
-        f"record {index} has keys {sorted(record)}; SFT needs {options.messages_key!r} (a chat) or "
-        f"{options.prompt_key!r} + {options.response_key!r} (set objective.options.prompt_key/response_key/messages_key)"
+    raise RecordError(
+        index,
+        f"its keys are {sorted(record)}; SFT needs {key!r} (a chat) or {options.prompt_key!r} + {options.response_key!r} "
+        "(set objective.options.prompt_key/response_key/messages_key)",
     )
+
+
+def empty_replies(messages: list[dict[str, str]]) -> int:
+    """How many assistant turns of ``messages`` are empty (they teach only the end-of-turn token)."""
+    return sum(1 for m in messages if m["role"] == "assistant" and not m["content"].strip())
 
 
 def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
@@ -60,7 +76,7 @@ def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: b
 def tokenize_conversation(tokenizer: Any, messages: list[dict[str, str]], index: int) -> tuple[list[int], list[bool]]:
     """Token ids of a conversation and, per token, whether it is a reply target.
 
-    :raises DataError: if the chat template does not render the conversation incrementally.
+    :raises RecordError: if the chat template does not render the conversation incrementally.
     """
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
@@ -72,9 +88,10 @@ def tokenize_conversation(tokenizer: Any, messages: list[dict[str, str]], index:
         before = _render(tokenizer, messages[:turn], True)
         through = _render(tokenizer, messages[: turn + 1], False)
         if full[: len(before)] != before or full[: len(through)] != through:
-            raise DataError(
-                f"record {index}: the chat template does not render the conversation incrementally (turn {turn} "
-                "changes earlier tokens), so reply tokens cannot be located; use prompt/response pairs or another template"
+            raise RecordError(
+                index,
+                f"the chat template does not render the conversation incrementally (turn {turn} changes earlier "
+                "tokens), so reply tokens cannot be located; use prompt/response pairs or another template",
             )
         span = range(len(before), len(through))
         ends = [i for i in span if full[i] in special]

@@ -385,6 +385,29 @@ def test_a_ppo_update_that_breaks_the_policy_fails_the_run_before_any_save(tmp_p
     assert not (tmp_path / "run" / "adapter").exists() and not (tmp_path / "run" / "checkpoint").exists()
 
 
+@pytest.mark.parametrize("prompt, expected", [(None, "'prompt' is null"), (["a"], r"'prompt' is a list \(\['a'\]\)")])
+def test_prompts_that_are_not_strings_are_refused(prompt, expected):
+    from peftkit.training.data import DataError
+    from peftkit_plugins.ppo.data import prepare_prompts
+
+    with pytest.raises(DataError, match=f"record 1: {expected}, not a string"):
+        prepare_prompts([{"prompt": "ok"}, {"prompt": prompt}], char_tokenizer(), PPOOptions(reward_model="rm"), 16)
+
+
+def test_pretraining_texts_must_be_strings_and_utf8(tmp_path):
+    from peftkit.training.data import DataError
+    from peftkit_plugins.ppo.data import load_ptx_texts
+
+    jsonl = tmp_path / "ptx.jsonl"
+    jsonl.write_text('{"text": "some text"}\n{"text": null}\n')
+    with pytest.raises(DataError, match=rf"data '{jsonl}', record 2: 'text' is null, not a string"):
+        load_ptx_texts(str(jsonl))
+    txt = tmp_path / "ptx.txt"
+    txt.write_bytes(b"first paragraph\n\nsecond \xe9t\xe9\n")
+    with pytest.raises(DataError, match=r"ptx.txt'?: byte offset 24 \(line 3\) is 0xe9, which is not UTF-8"):
+        load_ptx_texts(str(txt))
+
+
 def test_stop_tokens_must_be_single_tokens():
     from peftkit_plugins.ppo import stop_token_ids
 

@@ -92,8 +92,23 @@ def test_prepare_data_pairs_and_rankings_and_collate():
 
 
 def test_prepare_data_names_bad_records():
-    with pytest.raises(peftkit.PeftkitError, match="record 1 has keys"):
+    with pytest.raises(peftkit.PeftkitError, match="record 1: its keys are"):
         prepare_data([{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "x", "text": "y"}], char_tokenizer(), RewardOptions(), 64)
+
+
+@pytest.mark.parametrize(
+    "record, expected",
+    [
+        ({"prompt": "a", "chosen": None, "rejected": "c"}, "'chosen' is null, not a string"),
+        ({"prompt": "a", "chosen": "b", "rejected": ["c"]}, r"'rejected' is a list \(\['c'\]\), not a string"),
+        ({"prompt": None, "chosen": "b", "rejected": "c"}, "'prompt' is null, not a string"),
+        ({"prompt": "a", "responses": ["b", 3]}, r"'responses' item 1 is an int \(3\), not a string"),
+        ({"prompt": "a", "responses": ["b"]}, "'responses' holds 1 response"),
+    ],
+)
+def test_prepare_data_refuses_texts_that_are_not_strings(record, expected):
+    with pytest.raises(peftkit.PeftkitError, match=f"record 1: {expected}"):
+        prepare_data([{"prompt": "a", "chosen": "b", "rejected": "c"}, record], char_tokenizer(), RewardOptions(), 64)
 
 
 def test_prepare_data_keeps_the_response_when_the_prompt_is_too_long():

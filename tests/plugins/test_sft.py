@@ -73,8 +73,52 @@ def test_truncation_drops_examples_without_reply_and_fails_when_none_remain(sft)
 
 
 def test_records_without_the_expected_keys_name_them(sft):
-    with pytest.raises(DataError, match=r"record 0 has keys \['question'\]"):
+    with pytest.raises(DataError, match=r"record 0: its keys are \['question'\]"):
         sft.prepare_data([{"question": "x"}], tiny_tokenizer(), _options(sft), 32)
+
+
+@pytest.mark.parametrize(
+    "record, expected",
+    [
+        ({"prompt": "hi", "response": None}, r"record 1: 'response' is null, not a string"),
+        ({"prompt": "hi", "response": ["a", "b"]}, r"record 1: 'response' is a list \(\['a', 'b'\]\), not a string"),
+        ({"prompt": 7, "response": "seven"}, r"record 1: 'prompt' is an int \(7\), not a string"),
+        ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None}]},
+         r"record 1: 'messages' message 1 'content' is null"),
+    ],
+)
+def test_a_reply_or_prompt_that_is_not_a_string_is_refused_not_stringified(sft, record, expected):
+    # str(None) would train on the text "None", str(list) on its repr
+    with pytest.raises(DataError, match=expected):
+        sft.prepare_data([{"prompt": "ok", "response": "fine"}, record], tiny_tokenizer(), _options(sft), 64)
+
+
+def test_empty_replies_train_but_are_counted_in_one_warning(sft):
+    from peftkit.training.data import DataWarning
+
+    records = [{"prompt": "a", "response": ""}, {"prompt": "b", "response": "fine"}, {"prompt": "c", "response": "  "}]
+    with pytest.warns(DataWarning, match="2 empty assistant replies in 3 records") as caught:
+        examples = sft.prepare_data(records, tiny_tokenizer(), _options(sft), 64)
+    assert len(examples) == 3 and len([w for w in caught if issubclass(w.category, DataWarning)]) == 1
+
+
+def test_a_refused_record_is_named_by_file_and_number_in_a_run(tmp_path):
+    import json
+
+    from peftkit.training.recipe import recipe_from_dict
+    from peftkit.training.trainer import Trainer
+
+    data = tmp_path / "data.jsonl"
+    rows = [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(6)]
+    rows[4]["response"] = None
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = recipe_from_dict({
+        "data": {"train": str(data), "eval_size": 2, "max_length": 32},
+        "train": {"max_steps": 1, "batch_size": 2},
+        "output": {"dir": str(tmp_path / "out")},
+    })
+    with pytest.raises(DataError, match=rf"data '{data}', record 5: 'response' is null, not a string"):
+        Trainer(recipe, model=tiny_llama(), tokenizer=tiny_tokenizer(), progress=False).train()
 
 
 def test_loss_equals_the_models_own_loss_and_lm_weight_adds_the_prompt_loss(sft):
