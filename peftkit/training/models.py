@@ -15,6 +15,10 @@
 * or anything ``from_pretrained`` accepts: a local folder or a Hugging Face hub
   id (used when the hub is reachable).
 
+A recipe's ``model.load_kwargs`` pass through to ``from_pretrained``; they are
+checked with the recipe (:func:`load_kwargs_problem`), and a ``from_pretrained``
+failure with extra keywords is one error naming them.
+
 Cache: ``$PEFTKIT_CACHE`` if set, else ``~/.cache/peftkit``; converted models go
 to ``<cache>/models/<alias>-tf<transformers version>``.
 """
@@ -31,6 +35,7 @@ import torch
 from torch import nn
 
 from peftkit.errors import PeftkitError
+from peftkit.options import _short_repr, value_problem
 
 __all__ = [
     "EmbeddedModel",
@@ -39,6 +44,8 @@ __all__ = [
     "cache_dir",
     "resolve_model_path",
     "load_model_and_tokenizer",
+    "load_kwargs_problem",
+    "RESERVED_LOAD_KWARGS",
 ]
 
 
@@ -140,6 +147,64 @@ def resolve_model_path(name_or_path: str, *, verbose: bool = True) -> str:
             print(f"peftkit: converting {entry.alias} from {entry.requirement} to {dest} (once, ~30 s)", flush=True)
         _convert(entry, dest)
     return str(dest)
+
+
+#: model.load_kwargs values nest at most this deep (``max_memory: {0: 10GiB}`` is 2).
+MAX_LOAD_KWARGS_DEPTH = 4
+#: from_pretrained keywords peftkit sets itself, with what to use instead.
+RESERVED_LOAD_KWARGS = {
+    "dtype": "set model.dtype instead",
+    "torch_dtype": "set model.dtype instead",
+    "quantization_config": "the method sets it (qlora builds it from method.options); a YAML value cannot be one",
+    "pretrained_model_name_or_path": "set model.name_or_path instead",
+    "output_loading_info": "it makes from_pretrained return a tuple where peftkit needs the model",
+    "return_unused_kwargs": "it makes from_pretrained return a tuple where peftkit needs the model",
+    "state_dict": "a YAML value cannot be a state dict; point model.name_or_path at a folder with the weights",
+}
+
+
+def load_kwargs_problem(key: str, value: Any) -> str | None:
+    """Why ``key: value`` cannot be an entry of a recipe's ``model.load_kwargs``, or ``None``.
+
+    Keys are ``from_pretrained`` keyword names (identifiers) that peftkit does not set itself
+    (:data:`RESERVED_LOAD_KWARGS`); values are plain YAML data nested at most :data:`MAX_LOAD_KWARGS_DEPTH` deep.
+    """
+    if not key.isidentifier():
+        return "is not a from_pretrained keyword: keys must be Python identifiers"
+    if key in RESERVED_LOAD_KWARGS:
+        return f"is set by peftkit: {RESERVED_LOAD_KWARGS[key]}"
+    problem = value_problem(value)
+    if problem is not None:
+        return problem
+    if _depth(value) > MAX_LOAD_KWARGS_DEPTH:
+        return f"nests deeper than {MAX_LOAD_KWARGS_DEPTH} levels; from_pretrained keywords are flat values, lists or small mappings"
+    odd = _non_plain(value)
+    if odd is not None:
+        return f"holds {_short_repr(odd)} ({type(odd).__name__}); values must be strings, numbers, booleans, null, lists or mappings"
+    return None
+
+
+def _depth(value: Any) -> int:
+    if isinstance(value, dict):
+        return 1 + max(map(_depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(_depth, value), default=0)
+    return 0
+
+
+def _non_plain(value: Any) -> Any:
+    """The first value inside ``value`` that plain YAML data cannot be (a date, bytes, a set, a non-scalar key), else None."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, (str, int)):
+                return key
+            odd = _non_plain(item)
+            if odd is not None:
+                return odd
+        return None
+    if isinstance(value, list):
+        return next((odd for odd in map(_non_plain, value) if odd is not None), None)
+    return None if value is None or isinstance(value, (str, int, float, bool)) else value
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

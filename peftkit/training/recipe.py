@@ -38,6 +38,7 @@ import yaml
 from peftkit.errors import OptionsError, PeftkitError
 from peftkit.options import _short_repr, _type_name, check_value, did_you_mean, value_problem
 from peftkit.training._bounded_yaml import MAX_BYTES, MAX_DEPTH, YamlInputError, load_yaml
+from peftkit.training.models import load_kwargs_problem
 
 __all__ = [
     "RecipeError",
@@ -78,20 +79,6 @@ MAX_SEED = 2**32 - 1
 #: published rates are prompt tuning's ~0.3). weight_decay <= 1 keeps the decay factor 1 - lr * wd in [0, 1).
 MAX_LR = 1.0
 MAX_WEIGHT_DECAY = 1.0
-#: model.load_kwargs values nest at most this deep (``max_memory: {0: 10GiB}`` is 2).
-MAX_LOAD_KWARGS_DEPTH = 4
-#: from_pretrained keywords peftkit sets itself, with what to use instead.
-RESERVED_LOAD_KWARGS = {
-    "dtype": "set model.dtype instead",
-    "torch_dtype": "set model.dtype instead",
-    "quantization_config": "the method sets it (qlora builds it from method.options); a YAML value cannot be one",
-    "pretrained_model_name_or_path": "set model.name_or_path instead",
-    "output_loading_info": "it makes from_pretrained return a tuple where peftkit needs the model",
-    "return_unused_kwargs": "it makes from_pretrained return a tuple where peftkit needs the model",
-    "state_dict": "a YAML value cannot be a state dict; point model.name_or_path at a folder with the weights",
-}
-
-
 def _too_large(key: str, value: float | None, limit: float, why: str) -> list[str]:
     """The problem of a value above its upper bound (``None``: unset, fine)."""
     if value is None or value <= limit:
@@ -110,55 +97,16 @@ class ModelConfig:
 
     name_or_path: str = "smollm2-135m-instruct"  # an alias (peftkit.training.models.EMBEDDED_MODELS), a folder or a hub id
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
-    # extra from_pretrained keywords: identifiers (not RESERVED_LOAD_KWARGS) -> plain YAML nested <= MAX_LOAD_KWARGS_DEPTH
+    # extra from_pretrained keywords, checked by peftkit.training.models.load_kwargs_problem
     load_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> list[str]:
         problems = _empty("model.name_or_path", self.name_or_path, "give a model alias, a folder or a hub id")
         for key, value in self.load_kwargs.items():
-            problem = _load_kwarg_problem(key, value)
+            problem = load_kwargs_problem(key, value)
             if problem:
                 problems.append(f"model.load_kwargs.{key} = {_short_repr(value)} {problem}")
         return problems
-
-
-def _load_kwarg_problem(key: str, value: Any) -> str | None:
-    if not key.isidentifier():
-        return "is not a from_pretrained keyword: keys must be Python identifiers"
-    if key in RESERVED_LOAD_KWARGS:
-        return f"is set by peftkit: {RESERVED_LOAD_KWARGS[key]}"
-    problem = value_problem(value)
-    if problem is not None:
-        return problem
-    if _depth(value) > MAX_LOAD_KWARGS_DEPTH:
-        return f"nests deeper than {MAX_LOAD_KWARGS_DEPTH} levels; from_pretrained keywords are flat values, lists or small mappings"
-    odd = _non_plain(value)
-    if odd is not None:
-        return f"holds {_short_repr(odd)} ({type(odd).__name__}); values must be strings, numbers, booleans, null, lists or mappings"
-    return None
-
-
-def _depth(value: Any) -> int:
-    if isinstance(value, dict):
-        return 1 + max(map(_depth, value.values()), default=0)
-    if isinstance(value, list):
-        return 1 + max(map(_depth, value), default=0)
-    return 0
-
-
-def _non_plain(value: Any) -> Any:
-    """The first value inside ``value`` that plain YAML data cannot be (a date, bytes, a set, a non-scalar key), else None."""
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, (str, int)):
-                return key
-            odd = _non_plain(item)
-            if odd is not None:
-                return odd
-        return None
-    if isinstance(value, list):
-        return next((odd for odd in map(_non_plain, value) if odd is not None), None)
-    return None if value is None or isinstance(value, (str, int, float, bool)) else value
 
 
 @dataclass
