@@ -202,6 +202,8 @@ class atomic_directory:
                 _remove_tree(self.tmp)
         if exc is None:
             return
+        if isinstance(exc, SaveError) and isinstance(exc.__cause__, _WRITE_ERRORS):
+            exc = exc.__cause__  # a nested save (the adapter inside a checkpoint): report this directory
         if isinstance(exc, _WRITE_ERRORS) and not isinstance(exc, PeftkitError):
             raise SaveError(self._failure_message(exc)) from exc
         if exc_type is None:

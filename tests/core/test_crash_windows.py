@@ -212,3 +212,22 @@ def test_other_errors_inside_the_block_pass_through_unchanged(tmp_path):
         with atomic_directory(tmp_path / "out"):
             raise KeyError("bug")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_disk_full_inside_a_nested_save_reports_the_outer_directory(two_versions, monkeypatch, tmp_path):
+    tuned, _, _, _ = two_versions
+    checkpoint = tmp_path / "checkpoint"
+    with atomic_directory(checkpoint) as tmp:
+        (tmp / "state.pt").write_bytes(b"step 1")
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(serialization, "save_file", full_disk)
+    with pytest.raises(SaveError) as info:
+        with atomic_directory(checkpoint) as tmp:  # as the trainer writes a checkpoint
+            tuned.save(tmp / "adapter", training=True)
+    text = str(info.value)
+    assert text.startswith(f"could not save {checkpoint}: OSError") and f"the previous copy at {checkpoint} is intact" in text
+    assert ".tmp-" not in text, "the temporary directory is no concern of the user"
+    assert (checkpoint / "state.pt").read_bytes() == b"step 1"
