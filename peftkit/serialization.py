@@ -2,8 +2,10 @@
 
 ``adapter_config.json`` holds the method, its options, the peftkit version and
 a fingerprint of the base model (its class and the names and shapes of the
-target modules). ``adapter.safetensors`` holds the adapter's tensors only.
-Loading never unpickles anything.
+target modules), and ``weights_sha256``, the checksum of
+``adapter.safetensors``, which holds the adapter's tensors only. Loading never
+unpickles anything, and refuses a weights file that does not match its
+checksum (directories saved without one load as before).
 
 Atomicity (:class:`atomic_directory`, also used for training checkpoints): a
 save writes a sibling temporary directory ``.NAME.tmp-PID@HOST-XXXXXXXX``,
@@ -14,7 +16,9 @@ temporary name, so both names always hold a complete copy: the name is the
 completion marker. At every instant at least one of them exists (once a first
 save finished), and :func:`recover_directory` puts ``NAME.peftkit-old`` back
 when a crash left no ``NAME``. Every save and every :func:`read_adapter` call
-recovers first, so nobody has to rename anything by hand.
+recovers first, so nobody has to rename anything by hand. A write that fails
+(a full disk) raises :class:`~peftkit.errors.SaveError` and leaves the
+previous copy in place.
 """
 
 from __future__ import annotations
