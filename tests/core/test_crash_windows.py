@@ -9,6 +9,7 @@ dies there: nothing it would do afterwards reaches the disk).
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import socket
@@ -58,6 +59,12 @@ def _loaded(path):
     return _clone(peftkit.load(tiny_llama(), path).adapter_state_dict())
 
 
+def _config(path):
+    """The config ``write_adapter`` was given for ``path`` (to write other tensors under it)."""
+    config = json.loads((path / serialization.CONFIG_NAME).read_text())
+    return {k: v for k, v in config.items() if k not in {"format_version", "peftkit_version", "weights_sha256"}}
+
+
 def _save_with_fault(monkeypatch, tuned, path, module, name, k, *, dies):
     """Save with the k-th call of ``module.name`` failing; return how many calls the save made."""
     real = getattr(module, name)
@@ -94,13 +101,6 @@ def test_fault_at_every_call_leaves_old_or_new_adapter(two_versions, monkeypatch
         serialization.write_adapter(path, _config(path), version_a)  # back to A on disk for the next k
         k += 1
     assert k > 1, f"a save never calls {name}: the fault point tests nothing"
-
-
-def _config(path):
-    import json
-
-    config = json.loads((path / serialization.CONFIG_NAME).read_text())
-    return {k: v for k, v in config.items() if k not in {"format_version", "peftkit_version", "weights_sha256"}}
 
 
 def test_crash_between_renames_load_recovers_the_previous_adapter(two_versions, monkeypatch):
