@@ -62,9 +62,18 @@ def decode_utf8(data: bytes, source: str) -> str:
         raise YamlInputError(
             [
                 f"{source} is not UTF-8 text: byte 0x{data[exc.start]:02x} at offset {exc.start} (line {line}) "
-                "cannot be decoded; save the file as UTF-8"
+                "cannot be decoded; write it as UTF-8"
             ]
         ) from None
+
+
+def _original_bytes(text: str) -> bytes:
+    """The bytes ``text`` came from: Python decodes command-line arguments that are not UTF-8 into lone
+    surrogates (``surrogateescape``), which this turns back into the bytes :func:`decode_utf8` reports."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate no byte decodes to: keep it, decode_utf8 will name its offset
+        return text.encode("utf-8", "surrogatepass")
 
 
 def _line(node: Node) -> int:
@@ -148,16 +157,16 @@ _BoundedLoader.add_implicit_resolver(
 def load_yaml(data: bytes | str, source: str) -> Any:
     """Parse one YAML document within the bounds above.
 
-    :param data: the document; bytes are decoded as UTF-8 by :func:`decode_utf8`.
+    :param data: the document; bytes are decoded as UTF-8 by :func:`decode_utf8` (text is checked the same way).
     :param source: how to name the document in errors (a file name, or ``override 'k=v'``).
     :raises YamlInputError: too large, not UTF-8, too deep, too many nodes, recursive or duplicate keys.
     :raises yaml.YAMLError: not valid YAML.
     """
-    size = len(data.encode("utf-8")) if isinstance(data, str) else len(data)
-    if size > MAX_BYTES:
+    if isinstance(data, str):
+        data = _original_bytes(data)
+    if len(data) > MAX_BYTES:
         raise YamlInputError([f"{source} is larger than {MAX_BYTES // 1024} KiB, the limit for a recipe; shorten it"])
-    text = decode_utf8(data, source) if isinstance(data, bytes) else data
-    loader = _BoundedLoader(text)
+    loader = _BoundedLoader(decode_utf8(data, source))
     try:
         value = loader.get_single_data()
     finally:

@@ -191,7 +191,7 @@ def bad_overrides(draw: st.DrawFn, paths: list[tuple]) -> str:
         st.one_of(
             st.sampled_from([".nan", ".inf", "-.inf", "1" + "0" * 400, "-1", "0", "", "[", "{", "}", "[" * 200 + "]" * 200, "&a [*a]", "{a: 1, a: 2}",
                              "'\\0'", '"a\\0b"', "ia3", "prompt_tuning", "nope", "runs/{method}", "runs/{x}", "null", "~", "[1, 2]", "{}", "!!binary aGk=",
-                             "2001-01-01", "0x10", "1e999", "1_000", "yes", "\t", "'" + "x" * 300 + "'"]),
+                             "2001-01-01", "0x10", "1e999", "1_000", "yes", "\t", "caf\udce9", "\udcff", "\ud800", "'" + "x" * 300 + "'"]),
             st.text(max_size=15).filter(lambda v: "\0" not in v),
         )
     )
