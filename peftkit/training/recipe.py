@@ -91,6 +91,25 @@ def _empty(key: str, value: str, fix: str) -> list[str]:
     return [] if value.strip() else [f"{key} = {value!r} is empty; {fix}"]
 
 
+#: File-system limits on a path and on each of its parts (Linux, macOS and NTFS alike).
+MAX_PATH_BYTES, MAX_NAME_BYTES = 4096, 255
+
+
+def _path_problems(key: str, value: str | None) -> list[str]:
+    """The problems of a path no file system can hold, found before anything touches the disk."""
+    if value is None:
+        return []
+    if len(value.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES:
+        return [f"{key} = {_short_repr(value)} is longer than {MAX_PATH_BYTES} bytes, the file-system limit for a path"]
+    if any(len(part.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES for part in Path(value).parts):
+        return [f"{key} = {_short_repr(value)} has a part longer than {MAX_NAME_BYTES} bytes, the file-system limit for a name"]
+    try:
+        Path(value).expanduser()
+    except RuntimeError:
+        return [f"{key} = {_short_repr(value)} starts with ~user for a user this machine does not know; give the full path"]
+    return []
+
+
 @dataclass
 class ModelConfig:
     """``model``: the frozen base model."""
@@ -102,6 +121,7 @@ class ModelConfig:
 
     def validate(self) -> list[str]:
         problems = _empty("model.name_or_path", self.name_or_path, "give a model alias, a folder or a hub id")
+        problems += _path_problems("model.name_or_path", self.name_or_path)
         for key, value in self.load_kwargs.items():
             problem = load_kwargs_problem(key, value)
             if problem:
@@ -140,6 +160,7 @@ class DataConfig:
         problems = []
         if not self.train.strip():
             problems.append("data.train is required: a .jsonl/.json/.csv/.parquet file or a dataset name")
+        problems += _path_problems("data.train", self.train) + _path_problems("data.eval", self.eval)
         if self.eval_size < 0:
             problems.append(f"data.eval_size = {self.eval_size!r} must be >= 0")
         if self.max_length < 8:
@@ -225,6 +246,7 @@ class OutputConfig:
 
     def validate(self) -> list[str]:
         problems = _empty("output.dir", self.dir, "give a folder such as runs/{objective}-{method} (an empty one would write into the working directory)")
+        problems += _path_problems("output.dir", self.dir)
         for key in ("save_every", "eval_every"):
             if getattr(self, key) < 0:
                 problems.append(f"output.{key} = {getattr(self, key)!r} must be >= 0")
@@ -365,13 +387,23 @@ def _plugin_options(kind: str, section: Any, registry: dict[str, Any], problems:
         return None
 
 
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, RuntimeError):  # a name too long, a folder we may not search, ~user unknown: no file to read
+        return False
+
+
 def resolve_data_path(value: str, base_dirs: Sequence[Path]) -> str:
     """A data file as given if it exists from the working directory, else relative to ``base_dirs``."""
-    path = Path(value).expanduser()
-    if path.is_absolute() or path.exists():
+    try:
+        path = Path(value).expanduser()
+    except RuntimeError:  # ~user for an unknown user: reported by DataConfig.validate
+        return value
+    if path.is_absolute() or _is_file(path):
         return str(path)
     for base in base_dirs:
-        if (base / path).exists():
+        if _is_file(base / path):
             return str(base / path)
     return value
 
@@ -421,10 +453,10 @@ def recipe_from_dict(raw: Any, *, source: str = "<dict>", base_dirs: Sequence[Pa
     data: DataConfig = sections["data"]
     for key in ("train", "eval"):
         value = getattr(data, key)
-        if value and value.endswith(_FILE_SUFFIXES):
+        if value and value.endswith(_FILE_SUFFIXES) and not _path_problems(key, value):  # else reported already
             resolved = resolve_data_path(value, base_dirs)
-            if not Path(resolved).is_file():
-                problems.append(f"data.{key} = {value!r}: no such file (relative paths are read from the working directory, then next to the recipe)")
+            if not _is_file(Path(resolved)):
+                problems.append(f"data.{key} = {_short_repr(value)}: no such file (relative paths are read from the working directory, then next to the recipe)")
             setattr(data, key, resolved)
     if problems:
         raise RecipeError(source, problems)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from peftkit.cli import main
+from peftkit.options import _short_repr
 from peftkit.training._bounded_yaml import MAX_BYTES, MAX_DEPTH, MAX_NODES
 from peftkit.training.recipe import RecipeError, load_recipe
 
@@ -201,6 +202,22 @@ def test_a_nul_character_in_a_path_is_refused(capsys, monkeypatch, key):
     monkeypatch.chdir(ROOT)
     code, err = _validate(capsys, "recipes/sft-lora.yaml", f'{key}="runs/a\\0b.jsonl"')
     assert code == 2 and f"{key} = 'runs/a\\x00b.jsonl' contains a NUL character (\\0); remove it" in err
+
+
+@pytest.mark.parametrize(
+    "value, problem",
+    [
+        ("a" * 5000 + ".jsonl", "is longer than 4096 bytes, the file-system limit for a path"),
+        ("data/" + "a" * 300 + ".jsonl", "has a part longer than 255 bytes, the file-system limit for a name"),
+        ("~no-such-user-here/x.jsonl", "starts with ~user for a user this machine does not know; give the full path"),
+    ],
+)
+@pytest.mark.parametrize("key", ["output.dir", "data.train", "data.eval", "model.name_or_path"])
+def test_a_path_no_file_system_can_hold_is_one_problem_not_a_traceback(capsys, monkeypatch, key, value, problem):
+    monkeypatch.chdir(ROOT)
+    code, err = _validate(capsys, "recipes/sft-lora.yaml", f"{key}={value}")
+    assert code == 2 and "Traceback" not in err
+    assert [line for line in err.splitlines()[1:] if line.startswith(f"  - {key} = ")] == [f"  - {key} = {_short_repr(value)} {problem}"]
 
 
 def test_an_empty_output_dir_is_refused_rather_than_writing_into_the_working_directory(capsys, monkeypatch):

@@ -77,7 +77,8 @@ NON_FINITE = [math.nan, math.inf, -math.inf]
 ABSURD_INTS = [2**63, -(2**63) - 1, 10**400]
 ODD_VALUES = st.one_of(
     st.sampled_from([None, "", " ", True, False, 0, -1, 1, 0.0, -0.0, 1e-300, 1e300, 2**32, 2**63 - 1, -(2**63 - 1), 1e-5, 0.5, 1.0, 65536, 65537]),
-    st.sampled_from([[], {}, [1, 2], {"a": 1}, "auto", "lora", "ia3", "float16", "runs/x", "data/arithmetic/train.jsonl"]),
+    st.sampled_from([[], {}, [1, 2], {"a": 1}, "auto", "lora", "ia3", "float16", "runs/x", "data/arithmetic/train.jsonl",
+                     "a" * 5000 + ".jsonl", "x/" + "a" * 300, "~no-such-user/x.jsonl", "/root", "/proc/self/mem.jsonl"]),
     st.integers(min_value=-(2**70), max_value=2**70),
     st.floats(allow_nan=False, allow_infinity=False),
     st.text(max_size=12),
