@@ -68,10 +68,12 @@ class RecipeError(PeftkitError, ValueError):
 
 # ----------------------------------------------------------------- sections
 #: Largest meaningful counts. A billion optimizer steps (or log/save/eval intervals) is past any run;
-#: 2**20 examples per batch, tokens per example or records is past any accelerator; a million epochs
-#: past any dataset. Larger values can only overflow or hang later, so the recipe refuses them.
+#: 2**20 examples per batch past any accelerator; 2**24 tokens per example past any model's context
+#: window (the longest, 10M); a million epochs past any dataset. Larger values can only overflow or
+#: hang later, so the recipe refuses them.
 MAX_STEPS = 10**9
 MAX_SIZE = 2**20
+MAX_TOKENS = 2**24
 MAX_EPOCHS = 10**6
 #: Seeds go to numpy, whose seeds are 32-bit unsigned.
 MAX_SEED = 2**32 - 1
@@ -83,7 +85,8 @@ def _too_large(key: str, value: float | None, limit: float, why: str) -> list[st
     """The problem of a value above its upper bound (``None``: unset, fine)."""
     if value is None or value <= limit:
         return []
-    return [f"{key} = {value!r} is too large: must be <= {limit:g} ({why})"]
+    shown = limit if isinstance(limit, int) else f"{limit:g}"
+    return [f"{key} = {value!r} is too large: must be <= {shown} ({why})"]
 
 
 def _empty(key: str, value: str, fix: str) -> list[str]:
@@ -151,8 +154,8 @@ class DataConfig:
 
     train: str = ""  # a local .jsonl/.json/.csv/.parquet file, or a dataset name ("name" or "name:split")
     eval: str | None = None  # held-out file/dataset; None: hold out eval_size records of train
-    eval_size: int = 200  # <= MAX_SIZE
-    max_length: int = 512  # tokens per example (8..MAX_SIZE); longer ones are cut at the end
+    eval_size: int = 200
+    max_length: int = 512  # tokens per example (8..MAX_TOKENS); longer ones are cut at the end
     max_train_samples: int | None = None  # use only the first N training records (after the split)
     seed: int = 0  # shuffles records before the held-out split; 0..MAX_SEED
 
@@ -167,8 +170,7 @@ class DataConfig:
             problems.append(f"data.max_length = {self.max_length!r} must be >= 8")
         if self.max_train_samples is not None and self.max_train_samples < 1:
             problems.append(f"data.max_train_samples = {self.max_train_samples!r} must be >= 1 or null")
-        problems += _too_large("data.eval_size", self.eval_size, MAX_SIZE, "records held out")
-        problems += _too_large("data.max_length", self.max_length, MAX_SIZE, "tokens per example")
+        problems += _too_large("data.max_length", self.max_length, MAX_TOKENS, "tokens per example, past any model's context window")
         problems += _seed_problems("data.seed", self.seed)
         return problems
 

@@ -178,9 +178,9 @@ def test_an_integer_too_large_for_any_field_is_one_clear_problem(capsys, monkeyp
     [
         ("train.lr=5", "train.lr = 5.0 is too large: must be <= 1 (AdamW moves each weight by about lr per step; use auto"),
         ("train.weight_decay=2", "train.weight_decay = 2.0 is too large: must be <= 1"),
-        ("train.batch_size=2000000", "train.batch_size = 2000000 is too large: must be <= 1.04858e+06 (examples)"),
-        ("train.max_steps=10000000000", "train.max_steps = 10000000000 is too large: must be <= 1e+09 (optimizer steps)"),
-        ("data.max_length=9999999", "data.max_length = 9999999 is too large"),
+        ("train.batch_size=2000000", "train.batch_size = 2000000 is too large: must be <= 1048576 (examples)"),
+        ("train.max_steps=10000000000", "train.max_steps = 10000000000 is too large: must be <= 1000000000 (optimizer steps)"),
+        ("data.max_length=100000000", "data.max_length = 100000000 is too large: must be <= 16777216 (tokens per example"),
     ],
 )
 def test_values_past_any_meaning_are_refused(capsys, monkeypatch, override, problem):
