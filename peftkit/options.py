@@ -106,7 +106,10 @@ def value_problem(value: Any) -> str | None:
 
 
 def _short_repr(value: Any, limit: int = 80) -> str:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an int past Python's 4300-digit conversion limit
+        return f"<an integer of about {math.ceil(value.bit_length() * math.log10(2))} digits>"
     return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-2:]}"
 
 

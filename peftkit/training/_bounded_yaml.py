@@ -137,6 +137,14 @@ class _BoundedLoader(yaml.SafeLoader):
             self._anchor_sizes[event.anchor] = size
         return node
 
+    def construct_yaml_int(self, node: ScalarNode) -> int:
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError:  # Python refuses to convert more than 4300 digits (sys.get_int_max_str_digits)
+            raise YamlInputError(
+                [f"line {_line(node)}: an integer of {len(node.value)} digits is far past any usable value (at most 2**63 - 1)"]
+            ) from None
+
     def _check_duplicate(self, mapping: MappingNode, key: ScalarNode) -> None:
         seen = self._seen.setdefault(id(mapping), {})
         ident = (key.tag, key.value)
@@ -147,6 +155,7 @@ class _BoundedLoader(yaml.SafeLoader):
         self.duplicates.append(f"duplicate key {path} at lines {seen[ident]} and {_line(key)}: YAML keys are unique; keep one of them")
 
 
+_BoundedLoader.add_constructor("tag:yaml.org,2002:int", _BoundedLoader.construct_yaml_int)
 _BoundedLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),

@@ -53,6 +53,12 @@ def test_integers_past_64_bits_are_refused_before_they_overflow():
     assert build_options(_Options, {"rate": MAX_INT, "count": -MAX_INT}).rate == float(MAX_INT)
 
 
+def test_an_integer_past_pythons_digit_limit_is_named_without_printing_it():
+    assert _problems(_Options, count=10**5000) == [
+        f"option 'count' = <an integer of about 5001 digits> is too large; integers must be within +-{MAX_INT} (2**63 - 1)"
+    ]
+
+
 def test_a_nul_character_is_refused():
     assert _problems(_Options, name="a\0b") == ["option 'name' = 'a\\x00b' contains a NUL character (\\0); remove it"]
 

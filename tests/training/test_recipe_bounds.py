@@ -173,6 +173,15 @@ def test_an_integer_too_large_for_any_field_is_one_clear_problem(capsys, monkeyp
     assert re.search(r"train\.lr = 10{60,}\.\.\.00 is too large; integers must be within \+-9223372036854775807 \(2\*\*63 - 1\)", err)
 
 
+def test_an_integer_past_pythons_digit_limit_is_one_problem(tmp_path, data_file):
+    digits = "1" + "0" * 5000  # int() refuses more than 4300 digits with a ValueError
+    assert _problems(_write(tmp_path, f"train:\n  lr: {digits}\n", data_file)) == [
+        "line 4: an integer of 5001 digits is far past any usable value (at most 2**63 - 1)"
+    ]
+    problems = _problems(_write(tmp_path, "", data_file), f"train.lr={digits}")
+    assert len(problems) == 1 and problems[0].endswith("line 1: an integer of 5001 digits is far past any usable value (at most 2**63 - 1)")
+
+
 @pytest.mark.parametrize(
     "override, problem",
     [

@@ -190,7 +190,7 @@ def bad_overrides(draw: st.DrawFn, paths: list[tuple]) -> str:
     key = ".".join(map(str, draw(st.sampled_from(paths)))) if draw(st.booleans()) else draw(st.sampled_from(["train", "x.y", "", ".", "a..b", "train.lr.x", "method.options", "output.dir", "method.name"]))
     value = draw(
         st.one_of(
-            st.sampled_from([".nan", ".inf", "-.inf", "1" + "0" * 400, "-1", "0", "", "[", "{", "}", "[" * 200 + "]" * 200, "&a [*a]", "{a: 1, a: 2}",
+            st.sampled_from([".nan", ".inf", "-.inf", "1" + "0" * 400, "1" + "0" * 5000, "-1", "0", "", "[", "{", "}", "[" * 200 + "]" * 200, "&a [*a]", "{a: 1, a: 2}",
                              "'\\0'", '"a\\0b"', "ia3", "prompt_tuning", "nope", "runs/{method}", "runs/{x}", "null", "~", "[1, 2]", "{}", "!!binary aGk=",
                              "2001-01-01", "0x10", "1e999", "1_000", "yes", "\t", "caf\udce9", "\udcff", "\ud800", "'" + "x" * 300 + "'"]),
             st.text(max_size=15).filter(lambda v: "\0" not in v),
