@@ -29,6 +29,8 @@ import re
 from typing import Any
 
 import yaml
+
+from peftkit.options import _short_repr
 from yaml.events import AliasEvent, MappingStartEvent, ScalarEvent, SequenceStartEvent
 from yaml.nodes import MappingNode, Node, ScalarNode
 
@@ -78,6 +80,15 @@ def _original_bytes(text: str) -> bytes:
 
 def _line(node: Node) -> int:
     return node.start_mark.line + 1
+
+
+def _construct_problem(node: Node, exc: Exception) -> str:
+    kind = node.tag.rsplit(":", 1)[-1]
+    if not isinstance(node, ScalarNode):
+        return f"line {_line(node)}: a {kind} cannot be built from this value ({type(exc).__name__}: {exc})"
+    if kind == "int" and len(node.value) > 100:  # Python converts at most 4300 digits (sys.get_int_max_str_digits)
+        return f"line {_line(node)}: an integer of {len(node.value)} digits is far past any usable value (at most 2**63 - 1)"
+    return f"line {_line(node)}: {_short_repr(node.value)} is not a valid {kind} ({type(exc).__name__}: {exc})"
 
 
 class _BoundedLoader(yaml.SafeLoader):
@@ -137,13 +148,13 @@ class _BoundedLoader(yaml.SafeLoader):
             self._anchor_sizes[event.anchor] = size
         return node
 
-    def construct_yaml_int(self, node: ScalarNode) -> int:
+    def construct_object(self, node: Node, deep: bool = False) -> Any:
         try:
-            return super().construct_yaml_int(node)
-        except ValueError:  # Python refuses to convert more than 4300 digits (sys.get_int_max_str_digits)
-            raise YamlInputError(
-                [f"line {_line(node)}: an integer of {len(node.value)} digits is far past any usable value (at most 2**63 - 1)"]
-            ) from None
+            return super().construct_object(node, deep=deep)
+        except (YamlInputError, yaml.YAMLError):
+            raise
+        except Exception as exc:  # PyYAML lets ValueError, KeyError, ... out for a tagged or dated value it cannot build
+            raise YamlInputError([_construct_problem(node, exc)]) from None
 
     def _check_duplicate(self, mapping: MappingNode, key: ScalarNode) -> None:
         seen = self._seen.setdefault(id(mapping), {})
@@ -155,7 +166,6 @@ class _BoundedLoader(yaml.SafeLoader):
         self.duplicates.append(f"duplicate key {path} at lines {seen[ident]} and {_line(key)}: YAML keys are unique; keep one of them")
 
 
-_BoundedLoader.add_constructor("tag:yaml.org,2002:int", _BoundedLoader.construct_yaml_int)
 _BoundedLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),

@@ -183,6 +183,20 @@ def test_an_integer_past_pythons_digit_limit_is_one_problem(tmp_path, data_file)
 
 
 @pytest.mark.parametrize(
+    "value, problem",
+    [
+        ("2001-13-45", "line 1: '2001-13-45' is not a valid timestamp (ValueError: month must be in 1..12)"),
+        ("!!float abc", "line 1: 'abc' is not a valid float (ValueError: could not convert string to float: 'abc')"),
+        ("!!bool maybe", "line 1: 'maybe' is not a valid bool (KeyError: 'maybe')"),
+        ("!!timestamp x", "line 1: 'x' is not a valid timestamp (AttributeError:"),
+    ],
+)
+def test_a_value_yaml_cannot_build_is_one_problem(tmp_path, data_file, value, problem):
+    assert _problems(_write(tmp_path, "", data_file), f"output.dir={value}")[0].startswith(f"override 'output.dir={value}': {problem}")
+    assert _problems(_write(tmp_path, f"output:\n  dir: {value}\n", data_file))[0].startswith(problem.replace("line 1", "line 4"))
+
+
+@pytest.mark.parametrize(
     "override, problem",
     [
         ("train.lr=5", "train.lr = 5.0 is too large: must be <= 1 (AdamW moves each weight by about lr per step; use auto"),

@@ -179,7 +179,7 @@ def mutants(draw: st.DrawFn) -> Mutant:
         byte = draw(st.sampled_from([b"\xff", b"\xfe", b"\xc0", b"\x80", b"\xed\xa0\x80"]))
         return Mutant(data[:at] + byte + data[at:], must_fail=True, what=kind)
     if kind == "nested_junk":
-        junk = draw(st.sampled_from(["!!python/object:os.system {}", "!!set {a, b}", "!!binary aGk=", "!!timestamp 2001-12-14", "&a 1", "? [1, 2]\n  : x", "{a: [}"]))
+        junk = draw(st.sampled_from(["!!python/object:os.system {}", "!!set {a, b}", "!!binary aGk=", "!!timestamp 2001-12-14", "2001-13-45", "!!float abc", "!!bool maybe", "!!timestamp x", "&a 1", "? [1, 2]\n  : x", "{a: [}"]))
         key = draw(st.sampled_from(["dir", "name_or_path"]))  # text fields: none of the junk is a usable text
         return Mutant(re.sub(rf"^  {key}: .*$", f"  {key}: {junk}", text, flags=re.M).encode(), must_fail=True, what=f"{kind} {junk}")
     return Mutant(text.encode(), overrides=draw(st.lists(bad_overrides(paths), min_size=1, max_size=4)), what=kind)
@@ -192,7 +192,7 @@ def bad_overrides(draw: st.DrawFn, paths: list[tuple]) -> str:
         st.one_of(
             st.sampled_from([".nan", ".inf", "-.inf", "1" + "0" * 400, "1" + "0" * 5000, "-1", "0", "", "[", "{", "}", "[" * 200 + "]" * 200, "&a [*a]", "{a: 1, a: 2}",
                              "'\\0'", '"a\\0b"', "ia3", "prompt_tuning", "nope", "runs/{method}", "runs/{x}", "null", "~", "[1, 2]", "{}", "!!binary aGk=",
-                             "2001-01-01", "0x10", "1e999", "1_000", "yes", "\t", "caf\udce9", "\udcff", "\ud800", "'" + "x" * 300 + "'"]),
+                             "2001-01-01", "2001-02-30", "!!int x", "!!omap [1]", "0x10", "1e999", "1_000", "yes", "\t", "caf\udce9", "\udcff", "\ud800", "'" + "x" * 300 + "'"]),
             st.text(max_size=15).filter(lambda v: "\0" not in v),
         )
     )
