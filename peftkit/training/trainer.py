@@ -198,8 +198,8 @@ class Trainer:
 
         ``output.dir`` stays locked until :meth:`train` returns (or this raises).
         """
-        self._claim_output_dir()
         try:
+            self._claim_output_dir()
             self._build()
         except BaseException:
             self.run_lock.release()
@@ -224,6 +224,7 @@ class Trainer:
             refuse_replacing_finished_run(self.output_dir, self.recipe.to_dict())
 
     def _build(self) -> None:
+        """Everything :meth:`setup` does once ``output.dir`` is claimed."""
         import peftkit
         from accelerate.utils import set_seed
 

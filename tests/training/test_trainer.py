@@ -357,6 +357,27 @@ def test_cli_train_then_generate(tmp_path, capsys):
     assert isinstance(reply, str)  # a random tiny model says anything; the command must run end to end
 
 
+def test_cli_reports_a_non_finite_run_as_one_error_with_exit_code_2(tmp_path, capsys, monkeypatch):
+    from peftkit.cli import main
+
+    real_step = torch.optim.AdamW.step
+
+    def overflowing_step(self, *args, **kwargs):  # what a diverging update does to the weights
+        result = real_step(self, *args, **kwargs)
+        with torch.no_grad():
+            self.param_groups[0]["params"][0].fill_(float("inf"))
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", overflowing_step)
+    recipe = _tiny_model_recipe(tmp_path)
+    out = tmp_path / "cli-run"
+    assert main(["train", str(recipe), f"output.dir={out}", "train.max_steps=2", "--no-progress"]) == 2
+    error = capsys.readouterr().err.splitlines()[-1]  # after transformers' progress bars of saving the tiny model
+    assert error.startswith("peftkit: error: the adapter became non-finite (NaN/inf) in the optimizer update of step 1")
+    assert "Fix: the learning rate is the usual cause" in error
+    assert not (out / "adapter").exists() and not (out / "checkpoint").exists()
+
+
 def _env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "PEFTKIT_DISABLE_PLUGIN_AUTOLOAD": "1", "HF_HUB_OFFLINE": "1"}
 
