@@ -188,6 +188,10 @@ def load_yaml(data: bytes | str, source: str) -> Any:
     loader = _BoundedLoader(decode_utf8(data, source))
     try:
         value = loader.get_single_data()
+    except (YamlInputError, yaml.YAMLError):
+        raise
+    except Exception as exc:  # the scanner lets a few out too, e.g. ValueError for "\U0011ffff"
+        raise YamlInputError([f"line {loader.get_mark().line + 1}: not valid YAML ({type(exc).__name__}: {exc})"]) from None
     finally:
         loader.dispose()
     if loader.duplicates:

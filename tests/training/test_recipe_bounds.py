@@ -182,6 +182,11 @@ def test_an_integer_past_pythons_digit_limit_is_one_problem(tmp_path, data_file)
     assert len(problems) == 1 and problems[0].endswith("line 1: an integer of 5001 digits is far past any usable value (at most 2**63 - 1)")
 
 
+def test_an_escape_past_unicode_is_one_problem(tmp_path, data_file):
+    problems = _problems(_write(tmp_path, 'output:\n  dir: "\\U0011ffff"\n', data_file))
+    assert problems == ["line 4: not valid YAML (ValueError: chr() arg not in range(0x110000))"]
+
+
 @pytest.mark.parametrize(
     "value, problem",
     [

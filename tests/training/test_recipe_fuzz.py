@@ -84,6 +84,14 @@ ODD_VALUES = st.one_of(
     st.text(max_size=12),
     st.dates(),
 )
+TAGS = ["!!int", "!!float", "!!bool", "!!str", "!!null", "!!timestamp", "!!binary", "!!set", "!!omap", "!!pairs", "!!seq", "!!map",
+        "!!merge", "!!value", "!!python/object:os.system", "!custom", "!<tag:yaml.org,2002:int>", "!"]
+RAW_VALUES = st.one_of(
+    st.builds("{} {}".format, st.sampled_from(TAGS), st.sampled_from(["", "x", "1", "-1", "1.5", "[1]", "{a: 1}", "2001-13-45", "aGk=", "~", "[", "yes", ".nan"])),
+    st.sampled_from(["2001-02-30", "2001-1-1 25:00:00", "0o19", "0x", "0b12", "1_", "._1", "+.inf", "1e", "1:30", "190:20:30", "=", "<<", "? x", "- a",
+                     "|", ">", "'", '"', '"\\x"', '"\\u12"', '"\\U0011ffff"', "&", "*", "*nope", "%TAG", "@x", "`x", "{", "[a, {b: [c]}]"]),
+    st.text(alphabet=st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=20),
+)
 NUMBERS = st.one_of(
     st.sampled_from([0, -1, 1, 2, -0.5, 0.0, 1e-12, 0.999, 1.0, 1.5, 7, 2**31, 2**32 - 1, 2**32, 2**53, 10**9, 10**9 + 1, 10**12, 1e30, 1e308, -1e308]),
     st.integers(min_value=-(2**64), max_value=2**64),
@@ -100,7 +108,7 @@ def mutants(draw: st.DrawFn) -> Mutant:
     kind = draw(
         st.sampled_from(
             ["number", "number", "number", "delete", "odd", "non_finite", "absurd_int", "nul", "unicode", "unknown_key", "wrong_section", "duplicate_section",
-             "duplicate_key", "shared_alias", "alias_bomb", "recursive_alias", "non_mapping", "deep", "not_utf8", "overrides", "nested_junk"]
+             "duplicate_key", "shared_alias", "raw_value", "raw_value", "alias_bomb", "recursive_alias", "non_mapping", "deep", "not_utf8", "overrides", "nested_junk"]
         )
     )
     if kind == "delete":
@@ -178,6 +186,12 @@ def mutants(draw: st.DrawFn) -> Mutant:
         at = draw(st.integers(0, len(data)))
         byte = draw(st.sampled_from([b"\xff", b"\xfe", b"\xc0", b"\x80", b"\xed\xa0\x80"]))
         return Mutant(data[:at] + byte + data[at:], must_fail=True, what=kind)
+    if kind == "raw_value":
+        lines = text.splitlines(keepends=True)
+        i = draw(st.sampled_from([i for i, line in enumerate(lines) if re.match(r"^ +\w+: \S", line)]))
+        key = lines[i].split(":", 1)[0]
+        lines[i] = f"{key}: {draw(RAW_VALUES)}\n"
+        return Mutant("".join(lines).encode(), what=f"{kind} {lines[i]!r}")
     if kind == "nested_junk":
         junk = draw(st.sampled_from(["!!python/object:os.system {}", "!!set {a, b}", "!!binary aGk=", "!!timestamp 2001-12-14", "2001-13-45", "!!float abc", "!!bool maybe", "!!timestamp x", "&a 1", "? [1, 2]\n  : x", "{a: [}"]))
         key = draw(st.sampled_from(["dir", "name_or_path"]))  # text fields: none of the junk is a usable text
