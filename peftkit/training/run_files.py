@@ -7,8 +7,9 @@ bytes that are not UTF-8, a recipe that is not a mapping) is one
 :class:`~peftkit.errors.TrainingError` naming the file and the line or byte
 offset; the file is left as it is.
 
-:func:`refuse_replacing_finished_run` keeps a new run from silently replacing
-the adapter of a finished run that was trained with another recipe.
+:func:`refuse_wrong_resume` and :func:`refuse_replacing_finished_run` stop a
+run before the model loads when it would not continue the run it resumes, or
+would silently replace the adapter of a finished run of another recipe.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from typing import Any
 import yaml
 
 from peftkit.errors import TrainingError
-from peftkit.training.checkpoint import ADAPTER_DIR, RECIPE_FILE, recipe_changes
+from peftkit.training.checkpoint import ADAPTER_DIR, CHECKPOINT_DIR, RECIPE_FILE, STATE_FILE, recipe_changes
 
-__all__ = ["read_run_recipe", "read_metrics", "keep_metrics_through", "refuse_replacing_finished_run"]
+__all__ = ["read_run_recipe", "read_metrics", "keep_metrics_through", "refuse_wrong_resume", "refuse_replacing_finished_run"]
 
 
 def _read_utf8(path: Path) -> str:
@@ -95,6 +96,30 @@ def _metrics_record(raw: bytes, offset: int) -> dict[str, Any] | None:
     if not isinstance(record, dict) or not isinstance(record.get("step"), int):
         raise ValueError(f"{text[:80]!r} is not a metrics record (a JSON object with an integer 'step')")
     return record
+
+
+def refuse_wrong_resume(output_dir: Path, recipe: dict[str, Any]) -> None:
+    """Refuse to resume without a checkpoint in ``output_dir``, or with a recipe other than the one that wrote it.
+
+    :raises TrainingError: saying what is missing, or listing every changed key.
+    """
+    checkpoint = output_dir / CHECKPOINT_DIR
+    if not (checkpoint / STATE_FILE).is_file():
+        raise TrainingError(
+            f"cannot resume: no checkpoint at {checkpoint} (output.dir = {str(output_dir)!r}); "
+            "run without --resume to start, or point output.dir at the run to continue"
+        )
+    saved = checkpoint / RECIPE_FILE
+    if not saved.is_file():  # a checkpoint from before the recipe was kept in it
+        return
+    changes = recipe_changes(read_run_recipe(saved), recipe)
+    if changes:
+        raise TrainingError(
+            f"cannot resume the run in {output_dir}: the recipe differs from the one its checkpoint was "
+            "written with, so the resumed run would not continue that run:\n"
+            + "\n".join(f"  - {change}" for change in changes)
+            + f"\nresume with the original values (they are in {saved}), or start a new run in another output.dir"
+        )
 
 
 def refuse_replacing_finished_run(output_dir: Path, recipe: dict[str, Any]) -> None:

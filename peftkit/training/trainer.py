@@ -47,13 +47,12 @@ from peftkit.training.checkpoint import (
     RECIPE_FILE,
     STATE_FILE,
     read_state_file,
-    recipe_changes,
     rng_state,
     set_rng_state,
 )
 from peftkit.errors import TrainingError
 from peftkit.training.finite_guard import FiniteGuard
-from peftkit.training.run_files import keep_metrics_through, read_run_recipe, refuse_replacing_finished_run
+from peftkit.training.run_files import keep_metrics_through, refuse_replacing_finished_run, refuse_wrong_resume
 from peftkit.training.run_lock import RunLock
 from peftkit.options import options_to_dict
 from peftkit.plugins import PluginManager
@@ -219,7 +218,7 @@ class Trainer:
                     print(f"note: restored {self.output_dir / name} from the complete copy a crash left beside it")
         self.accelerator.wait_for_everyone()
         if self.resume:
-            self._check_resumable(self.output_dir / CHECKPOINT_DIR)
+            refuse_wrong_resume(self.output_dir, self.recipe.to_dict())
         elif not self.overwrite:
             refuse_replacing_finished_run(self.output_dir, self.recipe.to_dict())
 
@@ -284,25 +283,6 @@ class Trainer:
         self.eval_loss_before: float | None = None
         if self.resume:
             self._load_checkpoint(checkpoint)
-
-    def _check_resumable(self, checkpoint: Path) -> None:
-        """Refuse to resume without a checkpoint, or with a recipe that differs from the one that wrote it."""
-        if not (checkpoint / STATE_FILE).is_file():
-            raise TrainingError(
-                f"cannot resume: no checkpoint at {checkpoint} (output.dir = {self.recipe.output.dir!r}); "
-                "run without --resume to start, or point output.dir at the run to continue"
-            )
-        saved = checkpoint / RECIPE_FILE
-        if not saved.is_file():  # a checkpoint from before the recipe was kept in it
-            return
-        changes = recipe_changes(read_run_recipe(saved), self.recipe.to_dict())
-        if changes:
-            raise TrainingError(
-                f"cannot resume the run in {self.output_dir}: the recipe differs from the one its checkpoint was "
-                "written with, so the resumed run would not continue that run:\n"
-                + "\n".join(f"  - {change}" for change in changes)
-                + f"\nresume with the original values (they are in {saved}), or start a new run in another output.dir"
-            )
 
     def build_adapter(self, model: nn.Module) -> nn.Module:
         """The model the loop trains: ``model`` with a fresh adapter of ``recipe.method``.
