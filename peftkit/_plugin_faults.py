@@ -70,7 +70,10 @@ def _origin(package: str | None, version: str | None) -> str:
 
 def failure_message(plugin: str, package: str | None, version: str | None, stage: str, exc: BaseException) -> str:
     """One line naming the plugin, its package, where it failed, the original error and the fix."""
-    where = "failed to load" if stage == IMPORT else f"failed in hook {stage}"
+    if stage == IMPORT:
+        where = "failed to load"
+    else:  # a hook name, or what else of the plugin's ran ("command 'score'")
+        where = f"failed in hook {stage}" if stage.startswith("peftkit_") else f"failed in {stage}"
     fix = (
         f"Update, reinstall or uninstall {package!r}, or list only the plugins you want in PEFTKIT_PLUGINS"
         if package is not None

@@ -27,13 +27,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_plugin_commands(sub: argparse._SubParsersAction) -> None:
-    """Let every plugin add commands; one whose hook raises loses the commands it added, the rest keep working."""
+    """Let every plugin add commands; one whose hook raises loses the commands it added, the rest keep working.
+
+    A command a plugin added that then fails with anything but a ``PeftkitError`` is reported as one
+    error naming the plugin and its package (see :func:`_guard_command`).
+    """
     from peftkit.plugins import plugin_manager
 
     before: dict[str, Any] = {}
+    snapshots: list[tuple[str, set[str]]] = []  # (plugin, command names before its hook ran)
 
     def kwargs_for(plugin: str) -> dict[str, Any]:
         before.update(choices=dict(sub.choices), help=list(sub._choices_actions))
+        snapshots.append((plugin, set(sub.choices)))
         return {"subparsers": sub}
 
     def rollback(plugin: str) -> tuple[str, ...]:
@@ -44,6 +50,33 @@ def _add_plugin_commands(sub: argparse._SubParsersAction) -> None:
         return added
 
     plugin_manager().call_hook_isolated("peftkit_register_commands", kwargs_for, rollback)
+    guarded: set[int] = set()
+    for i, (plugin, known) in enumerate(snapshots):
+        after = snapshots[i + 1][1] if i + 1 < len(snapshots) else set(sub.choices)
+        for name in sorted(after - known):
+            parser = sub.choices[name]
+            func = parser.get_default("func")
+            if callable(func) and id(parser) not in guarded:  # an alias shares its parser
+                guarded.add(id(parser))
+                parser.set_defaults(func=_guard_command(func, plugin, parser.prog.rsplit(" ", 1)[-1]))
+
+
+def _guard_command(func: Callable[[argparse.Namespace], Any], plugin: str, command: str) -> Callable[[argparse.Namespace], Any]:
+    """``func`` of a plugin's command, with its unexpected errors turned into one ``PluginError`` naming the plugin."""
+    from peftkit._plugin_faults import failure_message
+    from peftkit.errors import PeftkitError, PluginError
+    from peftkit.plugins import plugin_manager
+
+    def run(args: argparse.Namespace) -> Any:
+        try:
+            return func(args)
+        except PeftkitError:
+            raise
+        except Exception as exc:
+            package, version = plugin_manager().plugin_package(plugin)
+            raise PluginError(failure_message(plugin, package, version, f"its command {command!r}", exc)) from exc
+
+    return run
 
 
 def _one_line_plugin_warnings(show: Callable[..., None]) -> Callable[..., None]:

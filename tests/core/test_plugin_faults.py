@@ -410,3 +410,28 @@ def test_register_commands_raising_leaves_every_other_command_working(register_p
     (failure,) = [f for f in peftkit.plugin_manager().failures() if f.plugin == "half-command"]
     assert failure.dropped == ("half",)
 
+
+
+def test_a_plugin_command_that_fails_is_one_error_naming_the_plugin(register_plugin, capsys):
+    def crash(args):
+        raise ZeroDivisionError("division by zero in the plugin")
+
+    def refuse(args):
+        raise peftkit.PeftkitError("a documented refusal")
+
+    class Commands:
+        @peftkit.hookimpl
+        def peftkit_register_commands(self, subparsers):
+            subparsers.add_parser("crash", aliases=["boom"]).set_defaults(func=crash)
+            subparsers.add_parser("refuse").set_defaults(func=refuse)
+
+    register_plugin(Commands(), name="crashing-commands")
+    for command in ("crash", "boom"):
+        assert main([command]) == 2
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and "Traceback" not in err
+        assert "plugin 'crashing-commands'" in err and "command 'crash'" in err
+        assert "ZeroDivisionError: division by zero in the plugin" in err
+    assert main(["refuse"]) == 2  # a PeftkitError of the plugin's own is printed as it is
+    assert capsys.readouterr().err == "peftkit: error: a documented refusal\n"
+    assert main(["methods"]) == 0
