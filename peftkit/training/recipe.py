@@ -375,10 +375,15 @@ def _check_section(name: str, cls: type, values: Any, problems: list[str]) -> An
     return instance
 
 
-def _plugin_options(kind: str, section: Any, registry: dict[str, Any], problems: list[str]) -> Any:
+def _plugin_options(kind: str, section: Any, pm: Any, problems: list[str]) -> Any:
     from peftkit.options import build_options
 
+    registry = pm.injectors() if kind == "method" else pm.objectives()
     if section.name not in registry:
+        reason = pm.unavailable_reason(kind, section.name)  # a plugin meant to provide it but failed or collided
+        if reason is not None:
+            problems.append(f"{kind}.name = {_short_repr(section.name)}: {reason}")
+            return None
         available = ", ".join(sorted(registry)) or "(none installed)"
         problems.append(f"{kind}.name = {_short_repr(section.name)} is not an installed {kind}{did_you_mean(section.name, registry)}; available: {available}")
         return None
@@ -446,8 +451,8 @@ def recipe_from_dict(raw: Any, *, source: str = "<dict>", base_dirs: Sequence[Pa
         if key not in _SECTIONS:
             problems.append(f"{key} is not a recipe section{did_you_mean(str(key), _SECTIONS)}; sections: {', '.join(_SECTIONS)}")
     sections = {name: _check_section(name, cls, raw.get(name), problems) for name, cls in _SECTIONS.items()}
-    method_options = _plugin_options("method", sections["method"], pm.injectors(), problems)
-    objective_options = _plugin_options("objective", sections["objective"], pm.objectives(), problems)
+    method_options = _plugin_options("method", sections["method"], pm, problems)
+    objective_options = _plugin_options("objective", sections["objective"], pm, problems)
     output: OutputConfig = sections["output"]
     names = {key: sections[key].name.replace("_", "-") for key in ("method", "objective")}
     output.dir, dir_problems = _expand_output_dir(output.dir, names)

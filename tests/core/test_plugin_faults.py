@@ -195,6 +195,18 @@ def test_failing_register_injectors_drops_only_that_plugin(fake_distribution, pr
         peftkit.wrap(nn.Linear(2, 2), "bad")
 
 
+def test_a_recipe_naming_a_failed_plugins_method_says_why(fake_distribution):
+    from peftkit.training.recipe import RecipeError, recipe_from_dict
+
+    raising_methods = methods("bad_method").replace("for name", "raise ValueError('boom')\n    for name")
+    fake_distribution("peftkit-bad", {"bad": raising_methods})
+    pm, _ = load()
+    with pytest.raises(RecipeError) as info:
+        recipe_from_dict({"method": {"name": "bad"}, "data": {"train": "x"}}, plugin_manager=pm)
+    (problem,) = [p for p in info.value.problems if p.startswith("method.name")]
+    assert "method 'bad' is unavailable" in problem and "'peftkit-bad'" in problem and "ValueError: boom" in problem
+
+
 def test_registrations_made_before_the_hook_raised_are_dropped_and_explained():
     class Injector:
         description, options = "half-registered", object
