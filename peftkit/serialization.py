@@ -259,7 +259,9 @@ def write_adapter(path: str | os.PathLike, config: dict[str, Any], tensors: dict
     """
     with atomic_directory(path) as tmp:
         weights = tmp / WEIGHTS_NAME
-        save_file(_contiguous_cpu(tensors), str(weights), metadata={"format": "pt", "producer": "peftkit"})
+        # One metadata key: safetensors writes several in hash order, and then equal tensors give
+        # different bytes (and checksums) from save to save.
+        save_file(_contiguous_cpu(tensors), str(weights), metadata={"format": "pt"})
         config = {"format_version": FORMAT_VERSION, "peftkit_version": __version__, **config, "weights_sha256": _sha256(weights)}
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return Path(path)

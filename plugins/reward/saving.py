@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -32,7 +33,8 @@ def save_head(head: nn.Module, directory: str | os.PathLike) -> Path:
     path = Path(directory) / HEAD_FILE
     tmp = path.with_name(path.name + ".tmp")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in head.state_dict().items()}
-    save_file(tensors, str(tmp), metadata={"hidden_size": str(head.weight.shape[1]), "producer": "peftkit reward"})
+    # One metadata key: safetensors writes several in hash order, and then equal heads give different bytes.
+    save_file(tensors, str(tmp), metadata={"hidden_size": str(head.weight.shape[1])})
     os.replace(tmp, path)
     return path
 
@@ -45,10 +47,31 @@ def load_head(directory: str | os.PathLike) -> ScalarHead:
             f"{str(directory)!r} has no {HEAD_FILE}: it is not a reward model directory "
             "(train one with `objective.name: reward`, which saves adapter + head together)"
         )
-    tensors = load_file(str(path))
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise AdapterFormatError(f"{str(path)!r} is corrupt or not a safetensors file ({exc}); train or save the reward model again") from None
+    problem = _head_problem(tensors)
+    if problem:
+        raise AdapterFormatError(f"{str(path)!r} is not a usable reward head: {problem}; train or save the reward model again")
     head = ScalarHead(int(tensors["weight"].shape[1]))
     head.load_state_dict(tensors)
     return head
+
+
+def _head_problem(tensors: dict[str, torch.Tensor]) -> str | None:
+    """What is wrong with a saved head's tensors (keys, shapes, dtypes, values), or ``None``."""
+    if set(tensors) != {"weight", "bias"}:
+        return f"it holds tensors {sorted(tensors)}, expected ['bias', 'weight']"
+    weight, bias = tensors["weight"], tensors["bias"]
+    if weight.dim() != 2 or weight.shape[0] != 1 or tuple(bias.shape) != (1,):
+        return f"weight has shape {tuple(weight.shape)} and bias {tuple(bias.shape)}, expected (1, hidden size) and (1,)"
+    for key, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            return f"{key} has dtype {tensor.dtype}, expected a floating-point dtype"
+        if not torch.isfinite(tensor).all():
+            return f"{key} holds NaN or inf values"
+    return None
 
 
 def save_reward_model(tuned: Any, directory: str | os.PathLike, *, adapter_name: str, head_name: str | None = None, training: bool = False) -> Path:

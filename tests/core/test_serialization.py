@@ -149,3 +149,12 @@ def test_loading_never_unpickles(trained, monkeypatch):
     monkeypatch.setattr(pickle, "loads", refuse)
     monkeypatch.setattr(torch, "load", refuse)
     peftkit.load(tiny_llama(), path)
+
+
+def test_saving_the_same_adapter_twice_writes_the_same_bytes(trained, tmp_path):
+    tuned, path = trained
+    again = tmp_path / "again"
+    for _ in range(8):  # safetensors ordered several metadata keys by hash: equal tensors, other bytes
+        tuned.save(again)
+        assert (again / "adapter.safetensors").read_bytes() == (path / "adapter.safetensors").read_bytes()
+        assert json.loads((again / "adapter_config.json").read_text()) == json.loads((path / "adapter_config.json").read_text())

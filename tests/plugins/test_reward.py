@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
 import peftkit
 from peftkit.testing import tiny_llama
@@ -266,3 +267,23 @@ def test_an_interrupted_reward_run_resumes_bit_identical_head_included(tmp_path,
         want, got = load_file(str(reference.adapter_dir / name)), load_file(str(resumed.adapter_dir / name))
         assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), name
     assert resumed.metrics["eval_accuracy"] == reference.metrics["eval_accuracy"]
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda f: f.write_bytes(b"not a safetensors file"), "corrupt or not a safetensors file"),
+        (lambda f: save_file({"weight": torch.full((1, 8), float("nan")), "bias": torch.zeros(1)}, str(f)), "NaN or inf"),
+        (lambda f: save_file({"weight": torch.ones(1, 8, dtype=torch.int8), "bias": torch.zeros(1)}, str(f)), "dtype torch.int8"),
+        (lambda f: save_file({"weight": torch.ones(8), "bias": torch.zeros(1)}, str(f)), "shape (8,)"),
+        (lambda f: save_file({"weight": torch.ones(1, 8)}, str(f)), "expected ['bias', 'weight']"),
+    ],
+)
+def test_a_damaged_reward_head_is_one_clear_error(tmp_path, damage, message):
+    from peftkit.errors import AdapterFormatError
+    from peftkit_plugins.reward.saving import HEAD_FILE, load_head
+
+    damage(tmp_path / HEAD_FILE)
+    with pytest.raises(AdapterFormatError, match="reward_head.safetensors") as info:
+        load_head(tmp_path)
+    assert message in str(info.value)
