@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from peftkit.errors import TrainingError
+from peftkit.training._bounded_yaml import YamlInputError, load_yaml
 from peftkit.training.checkpoint import ADAPTER_DIR, CHECKPOINT_DIR, RECIPE_FILE, STATE_FILE, recipe_changes
 
 __all__ = ["read_run_recipe", "read_metrics", "keep_metrics_through", "refuse_wrong_resume", "refuse_replacing_finished_run"]
@@ -43,9 +44,9 @@ def _read_utf8(path: Path) -> str:
 
 def read_run_recipe(path: Path) -> dict[str, Any]:
     """The recipe a run saved (``recipe.yaml`` in ``output.dir`` or its checkpoint), as a plain dict."""
-    try:
-        recipe = yaml.safe_load(_read_utf8(path))
-    except yaml.YAMLError as exc:
+    try:  # bounded like a recipe file: a damaged or tampered copy must not hang --resume
+        recipe = load_yaml(_read_utf8(path), str(path))
+    except (YamlInputError, yaml.YAMLError) as exc:
         raise TrainingError(f"{path} is not the YAML peftkit wrote ({str(exc)[:200]}); restore it, or use another output.dir") from None
     if not isinstance(recipe, dict):
         raise TrainingError(f"{path} holds a {type(recipe).__name__}, not a recipe mapping; restore it, or use another output.dir")

@@ -119,6 +119,22 @@ def test_a_non_utf8_byte_in_the_saved_recipe_names_the_file_and_offset(tmp_path,
         _trainer(_recipe(tmp_path, "run"), resume=True).train()
 
 
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n" + "".join(f"{c}: &{c} [{', '.join(['*' + p] * 10)}]\n" for p, c in zip("abcdefgh", "bcdefghi")), "nodes"),
+        ("model: {}\nmodel: {}\n", "duplicate key model at lines 1 and 2"),
+    ],
+)
+def test_a_tampered_saved_recipe_is_refused_quickly_and_clearly(tmp_path, interrupt_at, damage, message):
+    out = _interrupted(tmp_path, interrupt_at, 3)
+    saved = out / "checkpoint" / "recipe.yaml"
+    saved.write_text(damage)
+    with pytest.raises(TrainingError, match=rf"{saved} is not the YAML peftkit wrote") as info:
+        _trainer(_recipe(tmp_path, "run"), resume=True).train()
+    assert message in str(info.value)
+
+
 # ------------------------------------------------------------------ the run lock
 def _lock_of(pid: int) -> str:
     return json.dumps({"pid": pid, "host": socket.gethostname(), "start": _start_time(pid)})
