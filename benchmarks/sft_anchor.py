@@ -116,7 +116,8 @@ def _child(config: str, model_name: str, steps: int, out_dir: Path) -> None:
     recipe = load_recipe(ROOT / "recipes" / f"sft-{method.replace('_', '-')}.yaml", overrides)
     trainer_class = _peft_trainer_class() if config == "peft-lora" else Trainer
     start = time.perf_counter()
-    result = trainer_class(recipe, progress=False, **kwargs).train()
+    # A rerun (another --steps into the same --out) re-measures: it replaces the earlier run on purpose.
+    result = trainer_class(recipe, progress=False, overwrite=True, **kwargs).train()
     wall = time.perf_counter() - start
     adapter_bytes = sum(f.stat().st_size for f in result.adapter_dir.glob("*.safetensors"))
     # The median over the logged windows: one window slowed by something else on the machine does not move it.

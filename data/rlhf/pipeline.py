@@ -1,6 +1,6 @@
 """The README's SFT -> reward model -> PPO / PPO-ptx pipeline on the embedded model, and its measurements.
 
-    python data/rlhf/pipeline.py [--out runs] [--reuse]
+    python data/rlhf/pipeline.py [--out runs] [--reuse] [--overwrite]
 
 Runs the shipped recipes exactly as the README's commands do (each stage a
 ``peftkit train`` process; ``--reuse`` skips a stage whose adapter exists),
@@ -25,13 +25,13 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 
 
-def _stage(name: str, args: list[str], adapter: Path, reuse: bool) -> float:
+def _stage(name: str, args: list[str], adapter: Path, reuse: bool, overwrite: bool) -> float:
     if reuse and (adapter / "adapter_config.json").is_file():
         print(f"== {name}: reusing {adapter}", flush=True)
         return 0.0
     print(f"== {name}: peftkit train {' '.join(args)}", flush=True)
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "peftkit", "train", *args], cwd=ROOT, check=True)
+    subprocess.run([sys.executable, "-m", "peftkit", "train", *args, *(["--overwrite"] if overwrite else [])], cwd=ROOT, check=True)
     return time.perf_counter() - start
 
 
@@ -51,16 +51,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs", help="folder for the four runs (default runs/, as the recipes)")
     parser.add_argument("--reuse", action="store_true", help="skip stages whose adapter already exists")
+    parser.add_argument("--overwrite", action="store_true", help="replace finished runs of other recipes in --out")
     args = parser.parse_args()
     out = Path(args.out).resolve()
     sft, rm, ppo, ptx = out / "rlhf-sft-lora", out / "rm-lora", out / "ppo-lora", out / "ppo-ptx-lora"
     links = [f"objective.options.reward_model={rm / 'adapter'}", f"objective.options.sft_adapter={sft / 'adapter'}"]
     seconds = {
         "sft": _stage("SFT", ["recipes/sft-lora.yaml", "data.train=data/rlhf/sft.jsonl", "data.eval=null", "data.eval_size=32",
-                              f"output.dir={sft}"], sft / "adapter", args.reuse),
-        "rm": _stage("reward model", ["recipes/rm-lora.yaml", f"output.dir={rm}"], rm / "adapter", args.reuse),
-        "ppo": _stage("PPO", ["recipes/ppo-lora.yaml", *links, f"output.dir={ppo}"], ppo / "adapter", args.reuse),
-        "ppo-ptx": _stage("PPO-ptx", ["recipes/ppo-ptx-lora.yaml", *links, f"output.dir={ptx}"], ptx / "adapter", args.reuse),
+                              f"output.dir={sft}"], sft / "adapter", args.reuse, args.overwrite),
+        "rm": _stage("reward model", ["recipes/rm-lora.yaml", f"output.dir={rm}"], rm / "adapter", args.reuse, args.overwrite),
+        "ppo": _stage("PPO", ["recipes/ppo-lora.yaml", *links, f"output.dir={ppo}"], ppo / "adapter", args.reuse, args.overwrite),
+        "ppo-ptx": _stage("PPO-ptx", ["recipes/ppo-ptx-lora.yaml", *links, f"output.dir={ptx}"], ptx / "adapter", args.reuse, args.overwrite),
     }
     rm_eval = [r for r in _metrics(rm) if "eval_accuracy" in r]
     rows = []

@@ -44,7 +44,9 @@ def _train(recipe: dict, out: Path, reuse: bool = False) -> Path:
     if reuse and (out / "adapter" / "adapter_config.json").is_file():
         return out / "adapter"
     recipe["output"] = {"dir": str(out), "log_every": 5, "plot": False}
-    return Trainer(recipe_from_dict(recipe), model=_base(), tokenizer=char_tokenizer(), progress=False).train().adapter_dir
+    # Without --reuse a stage is meant to be trained again (e.g. with another --ppo-lr): replace the earlier run.
+    trainer = Trainer(recipe_from_dict(recipe), model=_base(), tokenizer=char_tokenizer(), progress=False, overwrite=True)
+    return trainer.train().adapter_dir
 
 
 @torch.no_grad()
