@@ -63,7 +63,10 @@ class PTuningInjector:
         )
         # At least float32, as the base embedding may be half precision.
         dtype = torch.promote_types(weight.dtype, torch.float32) if weight.dtype.is_floating_point else torch.float32
-        encoder.to(device=weight.device, dtype=dtype)
+        # Only when needed: a no-op .to() still swaps every parameter, which fails while peftkit rehearses
+        # an injection on fake tensors to check a saved adapter's shapes before allocating anything.
+        if any(p.device != weight.device or p.dtype != dtype for p in encoder.parameters()):
+            encoder.to(device=weight.device, dtype=dtype)
         context.record_target(embedding_name, embeddings)
         context.attach(VirtualTokenAdapter(model, context.adapter_name, PTuningPrompt(encoder)))
 

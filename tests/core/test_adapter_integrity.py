@@ -186,6 +186,7 @@ def test_huge_rank_in_config_is_refused_before_allocating(saved):
     [
         ("lora", {"r": 2, "target_modules": ["q_proj"]}, {"r": 4}, LORA_A),
         ("prompt_tuning", {"num_virtual_tokens": 4}, {"num_virtual_tokens": 6}, "attached.prompt_embeddings"),
+        ("p_tuning", {"num_virtual_tokens": 4}, {"num_virtual_tokens": 6}, "attached.prompt_embeddings"),
     ],
 )
 def test_options_that_do_not_match_the_weights_are_refused_before_injecting(
