@@ -13,11 +13,16 @@ __all__ = [
     "AdapterFormatError",
     "SaveError",
     "MergeNotSupportedError",
+    "PeftkitWarning",
 ]
 
 
 class PeftkitError(Exception):
     """Base class of every error peftkit raises on purpose."""
+
+
+class PeftkitWarning(UserWarning):
+    """Base class of peftkit's warnings; the command line prints them as one ``peftkit: warning: ...`` line."""
 
 
 class PluginError(PeftkitError):

@@ -41,7 +41,7 @@ import pluggy
 from peftkit import hookspecs
 from peftkit._plugin_faults import IMPORT, PluginFailure, failure_message, users_interrupts
 from peftkit._plugin_registrations import BUILTIN_PACKAGE, NameCollision, Registered, check_registration, resolve_names
-from peftkit.errors import PluginError, UnknownMethodError
+from peftkit.errors import PeftkitWarning, PluginError, UnknownMethodError
 from peftkit.options import did_you_mean
 
 __all__ = [
@@ -60,7 +60,7 @@ ENTRY_POINT_GROUP = "peftkit"
 _REGISTRIES = {"method": "peftkit_register_injectors", "objective": "peftkit_register_objectives"}
 
 
-class PluginLoadWarning(UserWarning):
+class PluginLoadWarning(PeftkitWarning):
     """A plugin could not be imported or registered, or lost a name to another plugin."""
 
 

@@ -79,13 +79,13 @@ def _guard_command(func: Callable[[argparse.Namespace], Any], plugin: str, comma
     return run
 
 
-def _one_line_plugin_warnings(show: Callable[..., None]) -> Callable[..., None]:
-    """Print plugin warnings as one ``peftkit: warning: ...`` line (the source line of peftkit's ``warn()``
-    call helps nobody); other warnings go to ``show`` as before."""
-    from peftkit.plugins import PluginLoadWarning
+def _one_line_warnings(show: Callable[..., None]) -> Callable[..., None]:
+    """Print peftkit's own warnings (plugins, data) as one ``peftkit: warning: ...`` line: the source line of
+    peftkit's ``warn()`` call helps nobody. Other warnings go to ``show`` as before."""
+    from peftkit.errors import PeftkitWarning
 
     def show_warning(message: Any, category: type[Warning], *where: Any) -> None:
-        if issubclass(category, PluginLoadWarning):
+        if issubclass(category, PeftkitWarning):
             print(f"peftkit: warning: {message}", file=sys.stderr)
         else:
             show(message, category, *where)
@@ -95,7 +95,7 @@ def _one_line_plugin_warnings(show: Callable[..., None]) -> Callable[..., None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     with warnings.catch_warnings():
-        warnings.showwarning = _one_line_plugin_warnings(warnings.showwarning)
+        warnings.showwarning = _one_line_warnings(warnings.showwarning)
         parser = build_parser()
         args = parser.parse_args(argv)
         if not getattr(args, "func", None):

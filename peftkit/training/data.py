@@ -30,7 +30,7 @@ from typing import Any, Iterator
 
 import torch
 
-from peftkit.errors import PeftkitError
+from peftkit.errors import PeftkitError, PeftkitWarning
 
 __all__ = ["DataError", "DataWarning", "Record", "RecordError", "require_string", "read_text", "load_records", "split_records", "BatchOrder"]
 
@@ -41,7 +41,7 @@ class DataError(PeftkitError, ValueError):
     """Data that cannot be read or trained on."""
 
 
-class DataWarning(UserWarning):
+class DataWarning(PeftkitWarning):
     """Data that trains, but probably not as meant (e.g. empty replies)."""
 
 

@@ -447,3 +447,25 @@ def test_a_plugin_command_that_fails_is_one_error_naming_the_plugin(register_plu
     assert main(["refuse"]) == 2  # a PeftkitError of the plugin's own is printed as it is
     assert capsys.readouterr().err == "peftkit: error: a documented refusal\n"
     assert main(["methods"]) == 0
+
+
+def test_cli_prints_peftkits_own_warnings_as_one_line(register_plugin, capsys):
+    from peftkit.training.data import DataWarning
+
+    def warn(args):
+        warnings.warn(DataWarning("2 empty assistant replies in 3 records"), stacklevel=1)
+        warnings.warn(UserWarning("someone else's warning"), stacklevel=1)
+        return 0
+
+    class Command:
+        @peftkit.hookimpl
+        def peftkit_register_commands(self, subparsers):
+            subparsers.add_parser("warn").set_defaults(func=warn)
+
+    register_plugin(Command(), name="warning-command")
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        assert main(["warn"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert "peftkit: warning: 2 empty assistant replies in 3 records" in err
+    assert not any(line.startswith("peftkit:") and "someone else's" in line for line in err), "others keep Python's format"
