@@ -29,10 +29,11 @@ import re
 from typing import Any
 
 import yaml
-
-from peftkit.options import _short_repr
 from yaml.events import AliasEvent, MappingStartEvent, ScalarEvent, SequenceStartEvent
 from yaml.nodes import MappingNode, Node, ScalarNode
+
+from peftkit.options import _short_repr
+from peftkit.training import _text
 
 __all__ = ["MAX_BYTES", "MAX_DEPTH", "MAX_NODES", "YamlInputError", "decode_utf8", "load_yaml"]
 
@@ -58,15 +59,9 @@ def decode_utf8(data: bytes, source: str) -> str:
     A leading byte-order mark is dropped.
     """
     try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        raise YamlInputError(
-            [
-                f"{source} is not UTF-8 text: byte 0x{data[exc.start]:02x} at offset {exc.start} (line {line}) "
-                "cannot be decoded; write it as UTF-8"
-            ]
-        ) from None
+        return _text.decode_utf8(data)
+    except _text.NotUtf8Error as exc:
+        raise YamlInputError([f"{source} is not UTF-8 text: {exc}; write it as UTF-8"]) from None
 
 
 def _original_bytes(text: str) -> bytes:

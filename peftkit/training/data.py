@@ -31,6 +31,7 @@ from typing import Any, Iterator
 import torch
 
 from peftkit.errors import PeftkitError, PeftkitWarning
+from peftkit.training._text import NotUtf8Error, decode_utf8
 
 __all__ = ["DataError", "DataWarning", "Record", "RecordError", "require_string", "read_text", "load_records", "split_records", "BatchOrder"]
 
@@ -117,15 +118,10 @@ def read_text(path: Path) -> str:
 
     :raises DataError: naming the file and the byte offset (and line) of the first byte that is not UTF-8.
     """
-    data = path.read_bytes()
     try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        raise DataError(
-            f"data file {str(path)!r}: byte offset {exc.start} (line {line}) is 0x{data[exc.start]:02x}, which is not "
-            "UTF-8; save the file as UTF-8"
-        ) from None
+        return decode_utf8(path.read_bytes())
+    except NotUtf8Error as exc:
+        raise DataError(f"data file {str(path)!r} is not UTF-8 text: {exc}; save the file as UTF-8") from None
 
 
 def _explain_unreadable(path: Path) -> str | None:

@@ -22,6 +22,7 @@ import yaml
 
 from peftkit.errors import TrainingError
 from peftkit.training._bounded_yaml import YamlInputError, load_yaml
+from peftkit.training._text import NotUtf8Error, decode_utf8
 from peftkit.training.checkpoint import ADAPTER_DIR, CHECKPOINT_DIR, RECIPE_FILE, STATE_FILE, recipe_changes
 
 __all__ = ["read_run_recipe", "read_metrics", "keep_metrics_through", "refuse_wrong_resume", "refuse_replacing_finished_run"]
@@ -32,13 +33,12 @@ def _read_utf8(path: Path) -> str:
 
     :raises TrainingError: naming the file and the byte offset of the first byte that is not UTF-8.
     """
-    data = path.read_bytes()
     try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
+        return decode_utf8(path.read_bytes())
+    except NotUtf8Error as exc:
         raise TrainingError(
-            f"{path}: byte offset {exc.start} (0x{data[exc.start]:02x}) is not UTF-8; peftkit writes this file as UTF-8, "
-            "so it was damaged or written by something else. Restore it, or start a new run in another output.dir"
+            f"{path} is not UTF-8 text: {exc}; peftkit writes this file as UTF-8, so it was damaged or written by "
+            "something else. Restore it, or start a new run in another output.dir"
         ) from None
 
 
@@ -65,7 +65,7 @@ def read_metrics(path: Path) -> tuple[list[dict[str, Any]], int | None]:
     records, offset = [], 0
     for number, raw in enumerate(lines, start=1):
         try:
-            record = _metrics_record(raw, offset)
+            record = _metrics_record(raw, offset, number)
         except ValueError as exc:
             if number == len(lines):  # a crash mid-write: the last line alone may be cut short
                 return records, number
@@ -79,15 +79,15 @@ def read_metrics(path: Path) -> tuple[list[dict[str, Any]], int | None]:
     return records, None
 
 
-def _metrics_record(raw: bytes, offset: int) -> dict[str, Any] | None:
-    """One line of ``metrics.jsonl`` (its first byte at ``offset`` in the file); ``None`` for a blank line.
+def _metrics_record(raw: bytes, offset: int, line: int) -> dict[str, Any] | None:
+    """Line ``line`` of ``metrics.jsonl`` (its first byte at ``offset`` in the file); ``None`` for a blank line.
 
     :raises ValueError: saying what is wrong with it.
     """
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"byte offset {offset + exc.start} (0x{raw[exc.start]:02x}) is not UTF-8") from None
+        text = decode_utf8(raw, offset=offset, line=line)
+    except NotUtf8Error as exc:
+        raise ValueError(f"not UTF-8 text: {exc}") from None
     if not text.strip():
         return None
     try:

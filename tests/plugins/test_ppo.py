@@ -404,7 +404,7 @@ def test_pretraining_texts_must_be_strings_and_utf8(tmp_path):
         load_ptx_texts(str(jsonl))
     txt = tmp_path / "ptx.txt"
     txt.write_bytes(b"first paragraph\n\nsecond \xe9t\xe9\n")
-    with pytest.raises(DataError, match=r"ptx.txt'?: byte offset 24 \(line 3\) is 0xe9, which is not UTF-8"):
+    with pytest.raises(DataError, match=r"ptx.txt'? is not UTF-8 text: byte 0xe9 at offset 24 \(line 3\)"):
         load_ptx_texts(str(txt))
 
 

@@ -95,7 +95,7 @@ def test_resume_drops_a_torn_last_metrics_line(tmp_path, interrupt_at, capsys):
     "damage, expected",
     [
         (lambda lines: [lines[0], b'{"step": 2, "lo', *lines[1:]], r"metrics.jsonl, line 2: not a JSON record"),
-        (lambda lines: [lines[0], b'{"step": 2, "loss": "\xff"}', *lines[1:]], r"metrics.jsonl, line 2: byte offset \d+ \(0xff\) is not UTF-8"),
+        (lambda lines: [lines[0], b'{"step": 2, "loss": "\xff"}', *lines[1:]], r"metrics.jsonl, line 2: not UTF-8 text: byte 0xff at offset \d+ \(line 2\)"),
         (lambda lines: [lines[0], b"[1, 2]", *lines[1:]], r"metrics.jsonl, line 2: '\[1, 2\]' is not a metrics record"),
     ],
 )
@@ -115,7 +115,7 @@ def test_a_non_utf8_byte_in_the_saved_recipe_names_the_file_and_offset(tmp_path,
     saved = out / "checkpoint" / "recipe.yaml"
     text = saved.read_bytes()
     saved.write_bytes(text[:10] + b"\xfe" + text[10:])
-    with pytest.raises(TrainingError, match=rf"{saved}: byte offset 10 \(0xfe\) is not UTF-8"):
+    with pytest.raises(TrainingError, match=rf"{saved} is not UTF-8 text: byte 0xfe at offset 10 \(line 2\)"):
         _trainer(_recipe(tmp_path, "run"), resume=True).train()
 
 
