@@ -39,6 +39,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from peftkit._process import pid_alive
 from peftkit._version import __version__
 from peftkit.errors import AdapterFormatError, PeftkitError, SaveError
 
@@ -96,17 +97,11 @@ def _sync_tree(root: Path) -> None:
 
 def _writer_alive(pid: int, host: str) -> bool:
     """Whether the process that named a temporary directory may still be writing it."""
-    if host != _HOST or os.name == "nt":  # another machine's pid, or no signal-0 probe: assume alive
+    if host != _HOST:  # another machine's pid: assume alive
         return True
     if pid == os.getpid():
         return False  # ours, and not in _LIVE (checked by the caller)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # EPERM: alive, owned by someone else
-        return True
-    return True
+    return pid_alive(pid)
 
 
 def _remove_stale_temps(path: Path) -> None:

@@ -16,6 +16,7 @@ import os
 import socket
 from pathlib import Path
 
+from peftkit._process import pid_alive
 from peftkit.errors import TrainingError
 
 __all__ = ["LOCK_FILE", "RunLock"]
@@ -37,14 +38,8 @@ def _start_time(pid: int) -> str | None:
 
 
 def _alive(pid: int, start: str | None) -> bool:
-    if os.name == "nt":  # os.kill(pid, 0) would terminate the process there; assume it runs
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not pid_alive(pid):
         return False
-    except PermissionError:  # someone else's live process
-        pass
     current = _start_time(pid)
     return start is None or current is None or current == start
 
