@@ -32,6 +32,7 @@ import re
 import secrets
 import shutil
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,8 @@ _HOST = socket.gethostname()
 _LIVE: set[Path] = set()
 # What a full disk or an I/O failure raises from the writers used inside atomic_directory.
 _WRITE_ERRORS = (OSError, SafetensorError, RuntimeError)
+# Temporary directories without a pid in their name (peftkit 0.1.0) older than this are left-overs.
+_LEGACY_TEMP_AGE = 3600.0
 
 
 def _old_path(path: Path) -> Path:
@@ -105,14 +108,28 @@ def _writer_alive(pid: int, host: str) -> bool:
 
 
 def _remove_stale_temps(path: Path) -> None:
-    """Delete ``.NAME.tmp-*`` directories next to ``path`` whose writer process is gone."""
+    """Delete ``.NAME.tmp-*`` directories next to ``path`` whose writer process is gone.
+
+    peftkit 0.1.0 named them ``.NAME.tmp-XXXXXXXX`` (no pid): those are removed once an hour old, as no
+    save takes that long.
+    """
     pattern = re.compile(rf"\.{re.escape(path.name)}\.tmp-(\d+)@(.+)-[0-9a-f]{{8}}")
+    legacy = re.compile(rf"\.{re.escape(path.name)}\.tmp-[a-z0-9_]{{8}}")
     if not path.parent.is_dir():
         return
     for entry in path.parent.iterdir():
         match = pattern.fullmatch(entry.name)
         if match and entry not in _LIVE and not _writer_alive(int(match[1]), match[2]):
             _remove_tree(entry)
+        elif legacy.fullmatch(entry.name) and _age_seconds(entry) > _LEGACY_TEMP_AGE:
+            _remove_tree(entry)
+
+
+def _age_seconds(entry: Path) -> float:
+    try:
+        return time.time() - entry.stat().st_mtime
+    except OSError:  # gone already
+        return 0.0
 
 
 def _remove_tree(directory: Path) -> None:

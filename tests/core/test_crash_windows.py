@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -148,6 +149,20 @@ def test_stale_temp_dirs_of_dead_writers_are_removed_live_ones_kept(two_versions
     assert left == sorted(["adapter", live.name, remote.name, other_name.name])
     assert recover_directory(path.parent / "checkpoint") is False
     assert not other_name.exists()
+
+
+def test_temp_dirs_an_older_peftkit_left_are_removed_once_an_hour_old(two_versions):
+    tuned, path, _, _ = two_versions
+    old_left_over = path.parent / ".adapter.tmp-k3j_x9a1"  # tempfile.mkdtemp's name, no pid: peftkit 0.1.0
+    recent = path.parent / ".adapter.tmp-q8w2e7r4"
+    for d in (old_left_over, recent):
+        d.mkdir()
+        (d / "adapter.safetensors").write_bytes(b"partial")
+    two_hours_ago = time.time() - 7200
+    os.utime(old_left_over, (two_hours_ago, two_hours_ago))
+    tuned.save(path)
+    assert not old_left_over.exists()
+    assert recent.exists(), "it may belong to an older peftkit saving right now"
 
 
 def test_recover_directory_moves_old_copy_back_and_drops_obsolete_one(tmp_path):
