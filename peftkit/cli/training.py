@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -82,29 +81,61 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _load_for_generation(adapter: Path, model_name: str | None) -> tuple[Any, Any]:
     import peftkit
-    from peftkit.training.models import load_model_and_tokenizer
     from peftkit.options import build_options
     from peftkit.plugins import plugin_manager
-    from peftkit.serialization import CONFIG_NAME
+    from peftkit.serialization import read_adapter
+    from peftkit.training.models import load_model_and_tokenizer
 
-    config_file = adapter / CONFIG_NAME
-    if not config_file.is_file():
-        raise peftkit.AdapterFormatError(f"{str(adapter)!r} is not an adapter directory ({CONFIG_NAME} is missing)")
-    config = json.loads(config_file.read_text())
+    # Every check of a load (format, checksum, values) before the base model takes its seconds to load.
+    config, _ = read_adapter(adapter)
     if model_name is None:
-        recorded = adapter / "base_model.txt"
-        if not recorded.is_file():
-            raise peftkit.AdapterError(f"adapter {str(adapter)!r} does not record its base model; pass --model NAME_OR_PATH")
-        model_name = recorded.read_text().strip()
+        model_name = _recorded_base_model(adapter)
     pm = plugin_manager()
     injector = pm.get_injector(config["method"])
-    options = build_options(injector.options, config["options"], owner=f"method {config['method']!r}")
+    options = build_options(injector.options, config["options"], owner=f"method {config['method']!r} of {adapter}")
     model, tokenizer = load_model_and_tokenizer(model_name, load_kwargs=pm.model_load_kwargs(config["method"], options))
     if (adapter / "tokenizer").is_dir():
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(adapter / "tokenizer")
+        tokenizer = _saved_tokenizer(adapter / "tokenizer")
     return peftkit.load(model, adapter), tokenizer
+
+
+def _recorded_base_model(adapter: Path) -> str:
+    """The base model name ``peftkit train`` wrote beside the adapter (``base_model.txt``)."""
+    from peftkit.errors import AdapterError, AdapterFormatError
+    from peftkit.training._text import NotUtf8Error, decode_utf8
+
+    recorded = adapter / "base_model.txt"
+    if not recorded.is_file():
+        raise AdapterError(f"adapter {str(adapter)!r} does not record its base model; pass --model NAME_OR_PATH")
+    try:
+        name = decode_utf8(recorded.read_bytes()).strip()
+    except NotUtf8Error as exc:
+        raise AdapterFormatError(f"{recorded} is not UTF-8 text: {exc}; pass --model NAME_OR_PATH") from None
+    if not name or "\n" in name or "\0" in name:
+        raise AdapterFormatError(f"{recorded} does not hold one model name ({name[:80]!r}); pass --model NAME_OR_PATH")
+    return name
+
+
+def _saved_tokenizer(folder: Path) -> Any:
+    """The tokenizer ``peftkit train`` saved beside the adapter."""
+    from transformers import AutoTokenizer
+
+    from peftkit.errors import AdapterFormatError
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types for a damaged folder
+        raise AdapterFormatError(
+            f"the tokenizer saved with the adapter, {folder}, cannot be loaded ({type(exc).__name__}: {str(exc)[:200]}); "
+            "restore it, or move that folder away to use the base model's tokenizer"
+        ) from None
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive number of tokens")
+    return value
 
 
 def _reply(model: Any, tokenizer: Any, messages: list[dict[str, str]], max_new_tokens: int) -> str:
@@ -171,5 +202,5 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", help="one user message; without it, an interactive chat")
     p.add_argument("--model", help="base model (default: the one recorded with the adapter)")
     p.add_argument("--system", help="system message")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=128)
     p.set_defaults(func=_cmd_generate)

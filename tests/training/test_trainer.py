@@ -357,6 +357,51 @@ def test_cli_train_then_generate(tmp_path, capsys):
     assert isinstance(reply, str)  # a random tiny model says anything; the command must run end to end
 
 
+def test_cli_generate_refuses_a_damaged_adapter_folder_in_one_line(tmp_path, capsys, monkeypatch):
+    import shutil
+
+    import peftkit.training.models as models
+    from peftkit.cli import main
+
+    recipe = _tiny_model_recipe(tmp_path)
+    out = tmp_path / "cli-run"
+    assert main(["train", str(recipe), f"output.dir={out}", "train.max_steps=1", "--no-progress"]) == 0
+    capsys.readouterr()
+
+    def damaged(name, edit):
+        folder = tmp_path / name
+        shutil.copytree(out / "adapter", folder)
+        edit(folder)
+        return str(folder)
+
+    def flip_a_bit(folder):
+        weights = bytearray((folder / "adapter.safetensors").read_bytes())
+        weights[-10] ^= 1
+        (folder / "adapter.safetensors").write_bytes(bytes(weights))
+
+    def fail_if_loaded(*args, **kwargs):
+        raise AssertionError("the base model loaded before the adapter folder was checked")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(models, "load_model_and_tokenizer", fail_if_loaded)
+        cases = [
+            (damaged("flipped", flip_a_bit), "does not match the checksum recorded in adapter_config.json"),
+            (damaged("latin1", lambda f: (f / "base_model.txt").write_bytes(b"caf\xe9\n")), "base_model.txt is not UTF-8 text: byte 0xe9"),
+            (damaged("empty", lambda f: (f / "base_model.txt").write_text("\n")), "base_model.txt does not hold one model name"),
+        ]
+        for folder, message in cases:
+            assert main(["generate", "--adapter", folder, "--prompt", "hi"]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith("peftkit: error: ") and message in err and len(err.splitlines()) == 1, err
+    tokenizer_gone_bad = damaged("tokenizer", lambda f: (f / "tokenizer" / "tokenizer.json").write_text("{not json"))
+    assert main(["generate", "--adapter", tokenizer_gone_bad, "--prompt", "hi", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith("peftkit: error: the tokenizer saved with the adapter") and "restore it" in err
+    with pytest.raises(SystemExit) as info:
+        main(["generate", "--adapter", str(out / "adapter"), "--prompt", "hi", "--max-new-tokens", "-5"])
+    assert info.value.code == 2 and "-5 is not a positive number of tokens" in capsys.readouterr().err
+
+
 def test_cli_reports_a_non_finite_run_as_one_error_with_exit_code_2(tmp_path, capsys, monkeypatch):
     from peftkit.cli import main
 
