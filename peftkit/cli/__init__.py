@@ -108,6 +108,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         except PeftkitError as exc:
             print(f"peftkit: error: {exc}", file=sys.stderr)
             return 2
+        except OSError as exc:  # the file system refused (disk full, permissions, not a folder): no traceback helps
+            where = f": {exc.filename}" if exc.filename else ""
+            print(
+                f"peftkit: error: {exc.strerror or exc}{where} ({type(exc).__name__}); the file system refused it: "
+                "check the path, its permissions and the free space",
+                file=sys.stderr,
+            )
+            return 2
 
 
 if __name__ == "__main__":

@@ -63,10 +63,9 @@ class RunLock:
         """
         if not self.enabled or self.held:
             return None
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         note = None
         for _ in range(2):  # a stale lock is removed once, then created again
-            if self._create():
+            if self._create_or_explain():
                 self.held = True
                 _HELD.add(self.path.resolve())
                 return note
@@ -83,6 +82,17 @@ class RunLock:
             self.path.unlink(missing_ok=True)
 
     # ------------------------------------------------------------ helpers
+    def _create_or_explain(self) -> bool:
+        """:meth:`_create`, with an ``output.dir`` the file system refuses reported as one error."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            return self._create()
+        except OSError as exc:  # _create answers an existing lock itself; this is the folder (a file, read-only, ...)
+            raise TrainingError(
+                f"output.dir = {str(self.path.parent)!r} cannot be written: {exc.strerror or exc} ({exc.filename or self.path}); "
+                "set output.dir to a folder you can write"
+            ) from None
+
     def _create(self) -> bool:
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)

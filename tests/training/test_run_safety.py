@@ -234,3 +234,31 @@ def test_cli_refuses_replacing_a_finished_run_and_overwrite_replaces_it(tmp_path
     assert error.startswith("peftkit: error: output.dir") and "method.name: 'lora' -> 'ia3'" in error
     assert main(["train", str(path), "method.name=ia3", "--no-progress", "--overwrite"]) == 0
     assert json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())["method"] == "ia3"
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file"])
+def test_an_output_dir_the_file_system_refuses_is_one_clear_error(tmp_path, where):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a folder")
+    out = blocker if where == "a file" else blocker / "run"
+    with pytest.raises(TrainingError, match=rf"output.dir = '{out}' cannot be written: .*set output.dir to a folder you can write"):
+        _trainer(_recipe(tmp_path, out.name if where == "a file" else "blocker/run")).train()
+    assert blocker.read_text() == "not a folder"
+
+
+def test_the_cli_reports_what_the_file_system_refuses_as_one_line(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import peftkit.training.recipe as recipe_module
+    from peftkit.cli import main
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "metrics.jsonl"))
+
+    monkeypatch.setattr(recipe_module, "load_recipe", disk_full)
+    assert main(["validate", "any.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"peftkit: error: No space left on device: {tmp_path / 'metrics.jsonl'} (OSError); the file system refused it: "
+        "check the path, its permissions and the free space\n"
+    )
