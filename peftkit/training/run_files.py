@@ -7,9 +7,10 @@ bytes that are not UTF-8, a recipe that is not a mapping) is one
 :class:`~peftkit.errors.TrainingError` naming the file and the line or byte
 offset; the file is left as it is.
 
-:func:`refuse_wrong_resume` and :func:`refuse_replacing_finished_run` stop a
+:func:`refuse_wrong_resume` and :func:`refuse_replacing_run` stop a
 run before the model loads when it would not continue the run it resumes, or
-would silently replace the adapter of a finished run of another recipe.
+would silently replace the adapter of a finished run of another recipe, or the checkpoint of an
+unfinished run.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from peftkit.training._bounded_yaml import YamlInputError, load_yaml
 from peftkit.training._text import NotUtf8Error, decode_utf8
 from peftkit.training.checkpoint import ADAPTER_DIR, CHECKPOINT_DIR, RECIPE_FILE, STATE_FILE, recipe_changes
 
-__all__ = ["read_run_recipe", "read_metrics", "keep_metrics_through", "refuse_wrong_resume", "refuse_replacing_finished_run"]
+__all__ = ["read_run_recipe", "read_metrics", "keep_metrics_through", "refuse_wrong_resume", "refuse_replacing_run"]
 
 
 def _read_utf8(path: Path) -> str:
@@ -123,17 +124,28 @@ def refuse_wrong_resume(output_dir: Path, recipe: dict[str, Any]) -> None:
         )
 
 
-def refuse_replacing_finished_run(output_dir: Path, recipe: dict[str, Any]) -> None:
-    """Refuse to start ``recipe`` in an ``output_dir`` that holds a finished run of a different recipe.
+def refuse_replacing_run(output_dir: Path, recipe: dict[str, Any]) -> None:
+    """Refuse to start ``recipe`` afresh where it would replace another run's results.
 
-    A finished run is an ``adapter/`` beside a ``recipe.yaml``. The same recipe
-    again is allowed (it reproduces that run); so are differences that do not
-    change what is trained (:data:`~peftkit.training.checkpoint.RESUME_MAY_CHANGE`).
+    A finished run (an ``adapter/`` beside a ``recipe.yaml``) of a different
+    recipe is refused; the same recipe again is allowed (it reproduces that
+    run), and so are differences that do not change what is trained
+    (:data:`~peftkit.training.checkpoint.RESUME_MAY_CHANGE`). An unfinished
+    run (a checkpoint, no adapter) is refused whatever its recipe: starting
+    afresh would throw its progress away, where ``--resume`` continues it.
 
-    :raises TrainingError: listing every changed key, and how to keep or replace that run.
+    :raises TrainingError: saying what would be replaced (every changed key), and how to keep or replace it.
     """
     saved = output_dir / RECIPE_FILE
-    if not ((output_dir / ADAPTER_DIR).is_dir() and saved.is_file()):
+    if not (output_dir / ADAPTER_DIR).is_dir():
+        if (output_dir / CHECKPOINT_DIR / STATE_FILE).is_file():
+            raise TrainingError(
+                f"output.dir {output_dir} holds an unfinished run (its checkpoint, {output_dir / CHECKPOINT_DIR}), which "
+                "starting afresh would replace: pass --resume to continue it, set output.dir to another directory to "
+                "keep it, or pass --overwrite (Trainer(..., overwrite=True)) to start over"
+            )
+        return
+    if not saved.is_file():
         return
     changes = recipe_changes(read_run_recipe(saved), recipe)
     if changes:

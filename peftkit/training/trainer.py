@@ -52,7 +52,7 @@ from peftkit.training.checkpoint import (
 )
 from peftkit.errors import TrainingError
 from peftkit.training.finite_guard import FiniteGuard
-from peftkit.training.run_files import keep_metrics_through, refuse_replacing_finished_run, refuse_wrong_resume
+from peftkit.training.run_files import keep_metrics_through, refuse_replacing_run, refuse_wrong_resume
 from peftkit.training.run_lock import RunLock
 from peftkit.options import options_to_dict
 from peftkit.plugins import PluginManager
@@ -220,7 +220,7 @@ class Trainer:
         if self.resume:
             refuse_wrong_resume(self.output_dir, self.recipe.to_dict())
         elif not self.overwrite:
-            refuse_replacing_finished_run(self.output_dir, self.recipe.to_dict())
+            refuse_replacing_run(self.output_dir, self.recipe.to_dict())
 
     def _build(self) -> None:
         """Everything :meth:`setup` does once ``output.dir`` is claimed."""

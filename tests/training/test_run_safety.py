@@ -215,6 +215,18 @@ def test_a_finished_run_of_another_recipe_is_kept_unless_overwrite(tmp_path):
     assert replaced.steps == 3 and not _equal(_tensors(replaced.adapter_dir), kept)
 
 
+def test_an_unfinished_run_is_not_started_over_unless_overwrite(tmp_path, interrupt_at):
+    out = _interrupted(tmp_path, interrupt_at, 3)
+    checkpoint = _tensors(out / "checkpoint" / "adapter")
+    with pytest.raises(TrainingError, match="holds an unfinished run .* pass --resume to continue it"):
+        _trainer(_recipe(tmp_path, "run")).train()
+    assert _equal(_tensors(out / "checkpoint" / "adapter"), checkpoint)
+    assert _trainer(_recipe(tmp_path, "run"), resume=True).train().steps == 6
+    started_over = _interrupted(tmp_path, interrupt_at, 3, out="again")
+    assert _trainer(_recipe(tmp_path, "again"), overwrite=True).train().steps == 6
+    assert _logged_steps(started_over) == [1, 2, 3, 4, 5, 6]
+
+
 def test_cli_refuses_replacing_a_finished_run_and_overwrite_replaces_it(tmp_path, capsys):
     import yaml
 
