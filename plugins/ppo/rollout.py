@@ -19,6 +19,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from peftkit.errors import TrainingError
+
 __all__ = ["Rollout", "generate_responses", "pack_episodes", "left_pad"]
 
 
@@ -65,6 +67,20 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device: Any = None
     return ids.to(device), mask.to(device)
 
 
+class _RefuseNonFiniteLogits:
+    """Stops sampling on NaN/+inf logits with a TrainingError; torch's sampler would fail with a bare
+    "probability tensor contains either inf, nan or element < 0". (-inf is fine: top-k/top-p masking.)"""
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:  # scores: (B, V)
+        if torch.isnan(scores).any() or torch.isposinf(scores).any():
+            raise TrainingError(
+                f"the policy's next-token logits hold NaN/inf while sampling token {input_ids.shape[1] + 1} of a "
+                "rollout: the policy adapter has diverged (its weights are finite but too large for the model's "
+                "outputs). Lower train.lr or set train.max_grad_norm, and restart from the last good checkpoint"
+            )
+        return scores
+
+
 @torch.no_grad()
 def generate_responses(
     model: nn.Module,
@@ -96,6 +112,7 @@ def generate_responses(
         eos_token_id=list(stop_ids),
         pad_token_id=pad_id,
         use_cache=True,
+        logits_processor=[_RefuseNonFiniteLogits()],
     )
     new_tokens = out[:, input_ids.shape[1] :].tolist()
     stops = set(stop_ids)

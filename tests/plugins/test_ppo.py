@@ -165,6 +165,17 @@ def test_pack_episodes_aligns_actions_with_the_model_logits():
     assert values.shape == (2, 5)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_sampling_from_a_policy_with_non_finite_logits_is_a_training_error(bad):
+    from peftkit.errors import TrainingError
+
+    model = tiny_llama()
+    with torch.no_grad():
+        model.lm_head.weight[3].fill_(bad)  # what an overflowing policy gives: non-finite logits from finite-looking code
+    with pytest.raises(TrainingError, match="logits hold NaN/inf while sampling token 4 of a rollout"):
+        generate_responses(model, [[1, 5, 6]], pad_id=0, stop_ids=[2], max_new_tokens=3)
+
+
 def test_generation_stops_at_stop_tokens_and_flags_missing_eos():
     torch.manual_seed(0)
     model = tiny_llama()
