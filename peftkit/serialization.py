@@ -321,6 +321,13 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, tor
     base = config.get("base_model")
     if not isinstance(base, dict) or not isinstance(base.get("targets"), dict):
         problems.append(f"base_model={base!r} (expected an object with 'class' and 'targets')")
+    else:
+        shapes = base["targets"].items()
+        problems += [
+            f"base_model.targets[{name!r}]={shape!r} (expected a list of sizes)"
+            for name, shape in shapes
+            if not (isinstance(shape, list) and all(isinstance(n, int) and not isinstance(n, bool) for n in shape))
+        ][:3]
     recorded = config.get("weights_sha256")
     if recorded is not None and not (isinstance(recorded, str) and re.fullmatch("[0-9a-f]{64}", recorded)):
         problems.append(f"weights_sha256={recorded!r} (expected 64 hex digits)")

@@ -370,3 +370,14 @@ def test_peftkit_load_and_import_peft_leave_a_plain_model_as_it_was(saved, faili
         assert [(n, type(m).__name__) for n, m in model.named_modules()] == before["modules"]
         assert {n: p.requires_grad for n, p in model.named_parameters()} == before["requires_grad"]
         assert {n: m.training for n, m in model.named_modules()} == before["training"]
+
+
+@pytest.mark.parametrize("shape", [float("nan"), "32x32", [32.0, 32], None, [True, 1]])
+def test_a_fingerprint_shape_that_is_not_a_list_of_sizes_is_a_format_error(saved, shape):
+    _, path = saved
+    config = _config(path)
+    module = next(iter(config["base_model"]["targets"]))
+    config["base_model"]["targets"][module] = shape
+    (path / serialization.CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(AdapterFormatError, match=rf"base_model.targets\['{module}'\]=.* \(expected a list of sizes\)"):
+        peftkit.load(tiny_llama(), path)
