@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from peftkit.errors import AdapterError, AdapterFormatError, UnknownMethodError
+from peftkit.errors import AdapterError, AdapterFormatError, PeftkitError, UnknownMethodError
 from peftkit.plugins import plugin_manager
 from peftkit.api import attach_adapter
 from peftkit.serialization import _contiguous_cpu, atomic_directory
@@ -52,7 +52,10 @@ class PeftFormat(Protocol):
     def from_peft(self, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """peft config + tensors -> peftkit options (a dict) + peftkit tensors.
 
-        :raises AdapterFormatError: naming the config field peftkit cannot represent.
+        :raises AdapterFormatError: naming the config field peftkit cannot represent. Any other
+            ``TypeError``/``ValueError``/``KeyError``/``IndexError``/``RuntimeError`` (a field of the wrong
+            type, a tensor of the wrong shape) is reported by :func:`import_peft` as an
+            ``AdapterFormatError`` naming the config file, so a converter need not check every field.
         """
         ...
 
@@ -115,7 +118,7 @@ def import_peft(
         fmt = getattr(reg.obj, "peft_format", None)
         if fmt is not None:
             converters[fmt.peft_type] = reg.name
-    if peft_type not in converters:
+    if not isinstance(peft_type, str) or peft_type not in converters:
         raise UnknownMethodError(
             f"{str(config_file)!r} has peft_type={peft_type!r}, which no installed method imports; "
             f"importable peft types: {', '.join(sorted(converters)) or '(none)'}"
@@ -125,7 +128,16 @@ def import_peft(
     except (SafetensorError, OSError, ValueError) as exc:
         raise AdapterFormatError(f"{str(weights_file)!r} is corrupt or not a safetensors file ({exc})") from None
     method = converters[peft_type]
-    options, state = _format_of(method).from_peft(config, tensors)
+    try:
+        options, state = _format_of(method).from_peft(config, tensors)
+    except PeftkitError:
+        raise
+    except (TypeError, ValueError, KeyError, IndexError, RuntimeError) as exc:
+        raise AdapterFormatError(
+            f"{str(config_file)!r} cannot be read as a peft {peft_type} adapter ({type(exc).__name__}: {str(exc)[:200]}): "
+            "a field has the wrong type or a tensor the wrong shape; it was edited or damaged, or written by a peft "
+            "version peftkit does not read"
+        ) from None
     name = adapter_name or "default"
     add = lambda tuned: tuned.add_adapter_with_state(name, method, options, state, trainable=is_trainable, source=path)  # noqa: E731
     return attach_adapter(model, add, is_trainable)

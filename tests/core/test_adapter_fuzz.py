@@ -1,5 +1,5 @@
-"""Damaged adapter folders: whatever is wrong with adapter_config.json or adapter.safetensors, loading gives one
-PeftkitError (never another exception) and leaves the model as it was."""
+"""Damaged adapter folders: whatever is wrong with the config or the weights file, ``peftkit.load`` (peftkit's format)
+and ``peftkit.import_peft`` (peft's) give one PeftkitError (never another exception) and leave the model as it was."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch
 
 import peftkit
 from peftkit.errors import PeftkitError
+from peftkit.interop import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME
 from peftkit.serialization import CONFIG_NAME, WEIGHTS_NAME
 from peftkit.testing import tiny_llama
 
@@ -29,11 +30,21 @@ VALUES = [None, True, 0, -1, 10**12, 2**70, 1.5, float("nan"), float("inf"), "",
           {"a": 1}, [[[[[]]]]], "q_proj", ["nope"], [16, 32], [-1, 2**40]]
 
 
+#: The peft format has no bottleneck adapters.
+PEFT_METHODS = [m for m in METHODS if m != "adapter"]
+# (save, load, config file, weights file) of each format
+FORMATS = {
+    "peftkit": (lambda tuned, path: tuned.save(path), peftkit.load, CONFIG_NAME, WEIGHTS_NAME),
+    "peft": (peftkit.export_peft, peftkit.import_peft, PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME),
+}
+
+
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
-    for method, options in METHODS.items():
-        peftkit.wrap(tiny_llama(), method, **options).save(root / method)
+    for fmt, (save, _, _, _) in FORMATS.items():
+        for method in PEFT_METHODS if fmt == "peft" else METHODS:
+            save(peftkit.wrap(tiny_llama(), method, **METHODS[method]), root / fmt / method)
     return root
 
 
@@ -55,10 +66,10 @@ def _mutate(node, rng: random.Random, depth: int = 0) -> None:
             node.append(copy.deepcopy(rng.choice(VALUES)))
 
 
-def _damage_weights(folder: Path, config: dict, rng: random.Random) -> None:
+def _damage_weights(weights_file: Path, config: dict, rng: random.Random) -> None:
     """Truncate, overwrite or flip bytes of the weights file; drop the checksum so the deeper checks are reached."""
     config.pop("weights_sha256", None)
-    weights = bytearray((folder / WEIGHTS_NAME).read_bytes())
+    weights = bytearray(weights_file.read_bytes())
     roll = rng.random()
     if roll < 0.3:
         weights = weights[: rng.randrange(len(weights))]
@@ -69,38 +80,41 @@ def _damage_weights(folder: Path, config: dict, rng: random.Random) -> None:
     else:  # tensor data: any bit pattern, NaN and inf included
         for _ in range(rng.randint(1, 8)):
             weights[rng.randrange(len(weights))] = rng.randrange(256)
-    (folder / WEIGHTS_NAME).write_bytes(bytes(weights))
+    weights_file.write_bytes(bytes(weights))
 
 
-def _run(saved: Path, tmp_path: Path, seed: int, count: int) -> None:
+def _run(saved: Path, tmp_path: Path, fmt: str, seed: int, count: int) -> None:
+    _, load, config_name, weights_name = FORMATS[fmt]
     rng = random.Random(seed)
     for i in range(count):
-        method = rng.choice(list(METHODS))
+        method = rng.choice(PEFT_METHODS if fmt == "peft" else list(METHODS))
         folder = tmp_path / f"m{i}"
-        shutil.copytree(saved / method, folder)
-        config = json.loads((folder / CONFIG_NAME).read_text())
+        shutil.copytree(saved / fmt / method, folder)
+        config = json.loads((folder / config_name).read_text())
         for _ in range(rng.randint(0 if rng.random() < 0.3 else 1, 3)):
             _mutate(config, rng)
         if rng.random() < 0.4:
-            _damage_weights(folder, config, rng)
-        (folder / CONFIG_NAME).write_text(json.dumps(config))
+            _damage_weights(folder / weights_name, config, rng)
+        (folder / config_name).write_text(json.dumps(config))
         model = tiny_llama()
         before = {k: v.clone() for k, v in model.state_dict().items()}
         try:
-            peftkit.load(model, folder)
+            load(model, folder)
         except PeftkitError:
             # the model is as it was: same modules, same weights
-            assert {k: v for k, v in model.state_dict().items()}.keys() == before.keys(), (method, config)
+            assert model.state_dict().keys() == before.keys(), (method, config)
             assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items()), (method, config)
         except Exception as exc:  # noqa: BLE001 - the point of the test
-            pytest.fail(f"{method}: {type(exc).__name__}: {exc}\nconfig: {json.dumps(config)[:500]}")
+            pytest.fail(f"{fmt} {method}: {type(exc).__name__}: {exc}\nconfig: {json.dumps(config)[:500]}")
         shutil.rmtree(folder)
 
 
-def test_damaged_adapters_fail_with_one_peftkit_error(saved, tmp_path):
-    _run(saved, tmp_path, seed=0, count=150)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_damaged_adapters_fail_with_one_peftkit_error(saved, tmp_path, fmt):
+    _run(saved, tmp_path, fmt, seed=0, count=150)
 
 
 @pytest.mark.slow
-def test_many_more_damaged_adapters_fail_with_one_peftkit_error(saved, tmp_path):
-    _run(saved, tmp_path, seed=1, count=1500)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_many_more_damaged_adapters_fail_with_one_peftkit_error(saved, tmp_path, fmt):
+    _run(saved, tmp_path, fmt, seed=1, count=1000)
