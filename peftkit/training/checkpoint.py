@@ -10,13 +10,14 @@ plain data, no unpickled code.
 
 from __future__ import annotations
 
+import contextlib
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
-from peftkit.errors import TrainingError
+from peftkit.errors import PeftkitError, TrainingError
 
 __all__ = [
     "ADAPTER_DIR",
@@ -29,6 +30,7 @@ __all__ = [
     "set_rng_state",
     "recipe_changes",
     "read_state_file",
+    "restoring",
 ]
 
 ADAPTER_DIR = "adapter"
@@ -97,4 +99,21 @@ def read_state_file(path: Path) -> dict[str, Any]:
             f"cannot resume: {path} is not a readable peftkit checkpoint ({type(exc).__name__}: {str(exc)[:200]}); "
             "it is truncated, corrupt or from an incompatible version. Start a new run (another output.dir, or "
             "without --resume)"
+        ) from None
+
+
+@contextlib.contextmanager
+def restoring(path: Path) -> Iterator[None]:
+    """Restore loop state read from ``path`` inside this block: a state that reads but does not fit (a key
+    missing, a value of the wrong type, an optimizer of another shape) is one :class:`TrainingError` naming the
+    file, not whatever the restoring code raised."""
+    try:
+        yield
+    except PeftkitError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as exc:
+        raise TrainingError(
+            f"cannot resume: {path} does not hold the loop state this peftkit writes ({type(exc).__name__}: "
+            f"{str(exc)[:200]}); it is damaged or from an incompatible version. Start a new run (another output.dir, "
+            "or --overwrite without --resume)"
         ) from None

@@ -47,6 +47,7 @@ from peftkit.training.checkpoint import (
     RECIPE_FILE,
     STATE_FILE,
     read_state_file,
+    restoring,
     rng_state,
     set_rng_state,
 )
@@ -404,12 +405,15 @@ class Trainer:
 
     def _load_checkpoint(self, checkpoint: Path) -> None:
         state = read_state_file(checkpoint / STATE_FILE)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.order.load_state_dict(state["data"])
-        self.step = int(state["step"])
-        self.eval_loss_before = state["eval_loss_before"]
-        set_rng_state(state["rng"])
+        with restoring(checkpoint / STATE_FILE):
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.order.load_state_dict(state["data"])
+            self.step = int(state["step"])
+            if not 0 <= self.step <= self.total_steps:
+                raise ValueError(f"its step {self.step} is outside this run's 0..{self.total_steps}")
+            self.eval_loss_before = state["eval_loss_before"]
+            set_rng_state(state["rng"])
         if self.metrics_path.is_file():
             self.history = keep_metrics_through(self.metrics_path, self.step, rewrite=self.accelerator.is_main_process)
 

@@ -111,7 +111,7 @@ class PPOObjective:
     # ------------------------------------------------------------------ run
     def run(self, trainer: Any, options: PPOOptions) -> Any:
         from tqdm.auto import tqdm
-        from peftkit.training.checkpoint import ADAPTER_DIR, CHECKPOINT_DIR, STATE_FILE, read_state_file, set_rng_state
+        from peftkit.training.checkpoint import ADAPTER_DIR, CHECKPOINT_DIR, STATE_FILE, read_state_file, restoring, set_rng_state
         from peftkit.training.trainer import TrainResult, make_scheduler
 
         if trainer.accelerator.num_processes > 1:
@@ -142,14 +142,16 @@ class PPOObjective:
             ptx = ppo_data.PtxStream(rows, options.ptx_batch_size, int(tokenizer.pad_token_id), seed=cfg.seed, device=device)
         if trainer.resume:
             state = read_state_file(checkpoint / PPO_STATE_FILE)
-            value_head.load_state_dict(state["value_head"])
-            value_optimizer.load_state_dict(state["value_optimizer"])
-            value_scheduler.load_state_dict(state["value_scheduler"])
-            learner.kl.load_state_dict(state["kl"])
-            if ptx is not None and state["ptx"] is not None:
-                ptx.load_state_dict(state["ptx"])
+            with restoring(checkpoint / PPO_STATE_FILE):
+                value_head.load_state_dict(state["value_head"])
+                value_optimizer.load_state_dict(state["value_optimizer"])
+                value_scheduler.load_state_dict(state["value_scheduler"])
+                learner.kl.load_state_dict(state["kl"])
+                if ptx is not None and state["ptx"] is not None:
+                    ptx.load_state_dict(state["ptx"])
             # Loading the reference/reward adapters above drew from the RNG; start from the checkpoint's state.
-            set_rng_state(read_state_file(checkpoint / STATE_FILE)["rng"])
+            with restoring(checkpoint / STATE_FILE):
+                set_rng_state(read_state_file(checkpoint / STATE_FILE)["rng"])
 
         def save_checkpoint() -> None:
             trainer.save_checkpoint()  # policy adapter (training form), policy optimizer/schedule, RNG, step, data position

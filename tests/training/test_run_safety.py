@@ -135,6 +135,33 @@ def test_a_tampered_saved_recipe_is_refused_quickly_and_clearly(tmp_path, interr
     assert message in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda state: {},
+        lambda state: [1, 2],
+        lambda state: {k: v for k, v in state.items() if k != "optimizer"},
+        lambda state: {**state, "step": "three"},
+        lambda state: {**state, "step": 10**30},
+        lambda state: {**state, "step": -3},
+        lambda state: {**state, "data": [1, 2]},
+        lambda state: {**state, "rng": {"python": 1}},
+        lambda state: {**state, "optimizer": {"state": 1}},
+        lambda state: {**state, "scheduler": 5},
+    ],
+    ids=["empty", "a list", "no optimizer", "step a string", "step huge", "step negative", "data position a list",
+         "rng damaged", "optimizer damaged", "scheduler damaged"],
+)
+def test_a_loop_state_that_reads_but_does_not_fit_is_one_clear_error(tmp_path, interrupt_at, damage):
+    out = _interrupted(tmp_path, interrupt_at, 3)
+    state_file = out / "checkpoint" / "trainer_state.pt"
+    torch.save(damage(torch.load(state_file, weights_only=True)), state_file)
+    metrics = (out / "metrics.jsonl").read_bytes()
+    with pytest.raises(TrainingError, match=rf"cannot resume: {state_file} does not hold the loop state this peftkit writes"):
+        _trainer(_recipe(tmp_path, "run"), resume=True).train()
+    assert (out / "metrics.jsonl").read_bytes() == metrics, "a refused resume changes nothing"
+
+
 # ------------------------------------------------------------------ the run lock
 def _lock_of(pid: int) -> str:
     return json.dumps({"pid": pid, "host": socket.gethostname(), "start": _start_time(pid)})
