@@ -246,3 +246,34 @@ def test_disk_full_inside_a_nested_save_reports_the_outer_directory(two_versions
     assert text.startswith(f"could not save {checkpoint}: OSError") and f"the previous copy at {checkpoint} is intact" in text
     assert ".tmp-" not in text, "the temporary directory is no concern of the user"
     assert (checkpoint / "state.pt").read_bytes() == b"step 1"
+
+
+_SAVER = """
+import sys, torch, peftkit
+from peftkit.testing import tiny_llama
+tuned = peftkit.wrap(tiny_llama(), "lora", r=4, target_modules="all-linear")
+print("ready", flush=True)
+while True:  # save over and over, each time with other weights, until killed
+    with torch.no_grad():
+        for p in tuned.trainable_parameters():
+            p.add_(0.01)
+    tuned.save(sys.argv[1])
+"""
+
+
+@pytest.mark.slow
+def test_savers_killed_at_random_points_leave_a_loadable_adapter_and_no_debris(tmp_path):
+    import random
+    import signal
+
+    target = tmp_path / "adapter"
+    rng = random.Random(0)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for _ in range(6):
+        saver = subprocess.Popen([sys.executable, "-c", _SAVER, str(target)], stdout=subprocess.PIPE, env=env)
+        assert saver.stdout.readline() == b"ready\n"
+        time.sleep(rng.uniform(0.05, 1.0))
+        saver.send_signal(signal.SIGKILL)
+        saver.wait()
+    peftkit.load(tiny_llama(), target)  # recovers whatever the last kill left, then loads
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
