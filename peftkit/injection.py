@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from peftkit.plugins import PluginManager
     from peftkit.tuned_model import TunedModel
 
-__all__ = ["InjectionContext", "replace_module", "layer_shape", "copy_adapter_tensors"]
+__all__ = ["InjectionContext", "replace_module", "layer_features", "layer_shape", "copy_adapter_tensors"]
 
 
 def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -47,17 +47,49 @@ def copy_adapter_tensors(expected: Mapping[str, torch.Tensor], state: Mapping[st
             param.copy_(state[key])
 
 
-def layer_shape(module: nn.Module) -> list[int]:
-    """The logical weight shape of a layer, ``[out, in]`` for Linear-like layers.
+def layer_features(layer: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of a Linear-like layer, seen through any adapter wrappers.
 
-    Quantized layers pack their weights, so ``in_features``/``out_features`` win
-    over ``weight.shape`` when present.
+    Supported: ``torch.nn.Linear``; transformers' ``Conv1D`` (GPT-2's projections,
+    which ``"all-linear"`` selects there), whose weight is stored *in x out*, so
+    ``nf`` is the output size; and bitsandbytes' quantized linears (``Linear4bit``,
+    ``Linear8bitLt``; also what ``"all-linear"`` selects on a quantized model), whose
+    packed ``weight`` has no meaningful shape, so their ``in_features``/``out_features``
+    attributes are used. A layer already wrapped by an adapter (any module with a
+    ``base_layer``) gives the sizes of the original layer underneath.
+
+    :param layer: the layer, wrapped or not.
+    :returns: ``(in_features, out_features)``.
+    :raises TypeError: for any other kind of layer, naming its type.
+    """
+    base = innermost_base(layer)
+    if type(base).__name__ == "Conv1D":  # transformers' GPT-2 layer: weight is (in, out)
+        return int(base.weight.shape[0]), int(base.nf)
+    # bitsandbytes' Linear4bit/Linear8bitLt subclass nn.Linear and keep the logical sizes in these attributes.
+    if isinstance(base, nn.Linear):
+        return int(base.in_features), int(base.out_features)
+    seen = f" (under the adapter wrapper {type(layer).__name__})" if base is not layer else ""
+    raise TypeError(
+        f"layer_features: {type(base).__module__}.{type(base).__name__}{seen} is not a Linear-like layer; it knows "
+        "torch.nn.Linear, transformers' Conv1D and bitsandbytes' Linear4bit/Linear8bitLt. For another layer type, "
+        "read its sizes from the layer itself (and teach your wrapper that type explicitly)"
+    )
+
+
+def layer_shape(module: nn.Module) -> list[int]:
+    """The logical weight shape of a layer, ``[out, in]`` for Linear-like layers (see :func:`layer_features`).
+
+    Any other layer gives ``[out, in]`` from ``out_features``/``in_features`` when it
+    has them, else its ``weight.shape`` (``[]`` without a weight).
     """
     base = innermost_base(module)
+    try:
+        in_features, out_features = layer_features(base)
+        return [out_features, in_features]
+    except TypeError:
+        pass
     if hasattr(base, "in_features") and hasattr(base, "out_features"):
         return [int(base.out_features), int(base.in_features)]
-    if type(base).__name__ == "Conv1D":  # transformers' GPT-2 layer: weight is (in, out)
-        return [int(base.nf), int(base.weight.shape[0])]
     weight = getattr(base, "weight", None)
     return list(weight.shape) if weight is not None else []
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftkit.errors import MergeNotSupportedError
-from peftkit.injection import copy_adapter_tensors
+from peftkit.injection import copy_adapter_tensors, layer_features
 from peftkit.targeting import innermost_base
 from peftkit_plugins.adapter.options import AdapterOptions
 
@@ -40,16 +40,8 @@ MERGE_REFUSAL = (
 )
 
 
-def output_features(layer: nn.Module) -> int:
-    """Output width of a Linear-like layer (``Conv1D`` stores it as ``nf``)."""
-    base = innermost_base(layer)
-    if type(base).__name__ == "Conv1D":  # transformers' GPT-2 layer; weight is (in, out)
-        return int(base.nf)
-    return int(base.out_features)
-
-
 class BottleneckAdapterLayer(nn.Module):
-    """Wraps a layer (``nn.Linear``, ``Conv1D`` or anything with a tensor output) and adapts its output.
+    """Wraps a Linear-like layer (``nn.Linear``, ``Conv1D``, quantized linears: see ``layer_features``) and adapts its output.
 
     The base layer is kept as ``base_layer``; each adapter has
     ``adapter_down[name]`` (d -> m) and ``adapter_up[name]`` (m -> d). Only the
@@ -61,7 +53,7 @@ class BottleneckAdapterLayer(nn.Module):
     def __init__(self, base_layer: nn.Module, adapter_name: str, options: AdapterOptions):
         super().__init__()
         self.base_layer = base_layer
-        self.features = output_features(base_layer)
+        self.features = layer_features(base_layer)[1]  # the adapter acts on the layer's output
         self.adapter_down = nn.ModuleDict()
         self.adapter_up = nn.ModuleDict()
         self.nonlinearity: dict[str, str] = {}

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from peftkit.errors import MergeNotSupportedError
+from peftkit.injection import layer_features
 from peftkit.targeting import innermost_base
 from peftkit_plugins.ia3.options import IA3Options
 
@@ -58,11 +59,7 @@ class IA3Layer(nn.Module):
     def __init__(self, base_layer: nn.Module, adapter_name: str, options: IA3Options):
         super().__init__()
         self.base_layer = base_layer
-        inner = innermost_base(base_layer)
-        if _is_conv1d(inner):
-            self.in_features, self.out_features = int(inner.weight.shape[0]), int(inner.nf)
-        else:
-            self.in_features, self.out_features = int(inner.in_features), int(inner.out_features)
+        self.in_features, self.out_features = layer_features(base_layer)
         self.ia3_l = nn.ParameterDict()
         self.feedforward: dict[str, bool] = {}
         self._active: list[str] = []

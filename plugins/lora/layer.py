@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftkit.injection import copy_adapter_tensors
+from peftkit.injection import copy_adapter_tensors, layer_features
 from peftkit_plugins.lora.dropout import dropout_linear
 from peftkit_plugins.lora.options import LoraOptions
 
@@ -41,8 +41,7 @@ class LoraLayer(nn.Module):
     def __init__(self, base_layer: nn.Module, adapter_name: str, options: LoraOptions):
         super().__init__()
         self.base_layer = base_layer
-        out_features, in_features = self._features(base_layer)
-        self.in_features, self.out_features = in_features, out_features
+        self.in_features, self.out_features = layer_features(base_layer)
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.scaling: dict[str, float] = {}
@@ -50,15 +49,6 @@ class LoraLayer(nn.Module):
         self._active: list[str] = []
         self._merged: set[str] = set()
         self.add_adapter(adapter_name, options)
-
-    @staticmethod
-    def _features(layer: nn.Module) -> tuple[int, int]:
-        inner = layer
-        while isinstance(getattr(inner, "base_layer", None), nn.Module):
-            inner = inner.base_layer
-        if _is_conv1d(inner):
-            return int(inner.nf), int(inner.weight.shape[0])
-        return int(inner.out_features), int(inner.in_features)
 
     def _base_weight(self) -> torch.Tensor:
         inner = self.base_layer
