@@ -19,9 +19,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     from peftkit.cli import plugins as plugin_commands
     from peftkit.cli import training as training_commands
+    from peftkit.cli import tune_lr as tune_lr_command
 
     plugin_commands.add_subcommands(sub)
     training_commands.add_subcommands(sub)
+    tune_lr_command.add_subcommands(sub)
     _add_plugin_commands(sub)
     return parser
 

@@ -9,6 +9,7 @@
 
 from peftkit.injection import layer_features
 from peftkit.testing.conformance import CHECKS, MERGE_TOLERANCE, check_injector, train_steps
+from peftkit.testing.lr_sweep import LrRun, LrSweepResult, lr_sweep
 from peftkit.testing.models import FAMILIES, MODEL_FACTORIES, sample_batch, tiny_family_model, tiny_gpt2, tiny_llama
 from peftkit.testing.plugins import registered_plugin
 from peftkit.testing.reference import assert_matches_reference, greedy_by_full_forward
@@ -22,6 +23,9 @@ __all__ = [
     "assert_matches_reference",
     "greedy_by_full_forward",
     "layer_features",
+    "lr_sweep",
+    "LrRun",
+    "LrSweepResult",
     "registered_plugin",
     "FAMILIES",
     "MODEL_FACTORIES",
