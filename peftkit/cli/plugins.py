@@ -1,13 +1,15 @@
-"""Plugin commands of the ``peftkit`` CLI: ``methods`` and ``plugins``.
+"""Plugin commands of the ``peftkit`` CLI: ``methods``, ``plugins`` and ``new-method``.
 
-Both keep working whatever the installed plugins do: a plugin that failed to import or
-register is listed as failed with its error (the warning itself is printed once, on stderr,
-when the plugins load).
+``methods`` and ``plugins`` keep working whatever the installed plugins do: a plugin that
+failed to import or register is listed as failed with its error (the warning itself is
+printed once, on stderr, when the plugins load). ``new-method`` writes a new plugin package
+that passes its own tests (templates in :mod:`peftkit.cli._scaffold`).
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -87,9 +89,33 @@ def print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
         print("  ".join(cells).rstrip())
 
 
+def _cmd_new_method(args: argparse.Namespace) -> int:
+    from peftkit.cli._scaffold import write_plugin
+
+    directory, written = write_plugin(args.name, Path(args.dir) if args.dir else None, kind=args.kind)
+    package = f"peftkit_{args.name}"
+    print(f"wrote {len(written)} files in {directory}/: the {args.kind} {args.name!r}, a plugin package that passes its own tests")
+    for path in written:
+        print(f"  {path}")
+    where = "layer.py" if args.kind == "method" else "__init__.py"
+    print(f"next: cd {directory} && pip install -e \".[test]\" && pytest")
+    print(f"then put your own math where {package}/{where} says TODO(you); README.md says what else to edit and how to publish")
+    return 0
+
+
 def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``methods`` and ``plugins`` to the ``peftkit`` parser."""
+    """Add ``methods``, ``plugins`` and ``new-method`` to the ``peftkit`` parser."""
     p = subparsers.add_parser("methods", help="list installed PEFT methods and objectives")
     p.set_defaults(func=_cmd_methods)
     p = subparsers.add_parser("plugins", help="list loaded plugins, their package versions, hooks and failures")
     p.set_defaults(func=_cmd_plugins)
+    p = subparsers.add_parser(
+        "new-method",
+        help="write a new plugin package (a method or an objective) that passes its own tests",
+        description="Write an installable plugin package: pyproject.toml with the entry point, the plugin module, "
+        "its options, tests (conformance suite, reference test) and a README. It never overwrites files.",
+    )
+    p.add_argument("name", metavar="NAME", help="the method or objective name, a lowercase identifier (e.g. loha_demo)")
+    p.add_argument("--dir", metavar="DIR", default=None, help="a new or empty folder (default: ./peftkit-NAME)")
+    p.add_argument("--kind", choices=("method", "objective"), default="method", help="what the plugin adds (default: method)")
+    p.set_defaults(func=_cmd_new_method)
