@@ -92,8 +92,8 @@ class ${Class}Injector:
     description = "$name: low-rank updates B·A on Linear/Conv1D layers (TODO(you): your one-line summary); exact merge"
     options = ${Class}Options
     supports_merge = True
-    # What recipes with train.lr: auto use. TODO(you): measure it for your method (methods differ by
-    # more than 10x); 1e-3 is what LoRA's low-rank updates train well with.
+    # What recipes with train.lr: auto use; methods differ by more than 10x. TODO(you): measure it
+    # with `peftkit tune-lr $name` (1e-3 is what LoRA's low-rank updates train well with).
     recommended_lr = 1e-3
 
     def inject(self, context: InjectionContext, options: ${Class}Options) -> None:
@@ -427,7 +427,8 @@ passes its tests before you change anything. Lines to change are marked `TODO(yo
    and `adapter_state_dict`.
 2. `$package/options.py`: your options, with range checks and upper bounds in `validate()`.
 3. `$package/__init__.py`: the docstring (paper link, formula), `description`, and
-   `recommended_lr` (measure it on a real run; methods differ by more than 10x).
+   `recommended_lr`: methods differ by more than 10x, so measure it with `peftkit tune-lr $name`
+   (from a peftkit checkout, once the package is installed).
 4. `tests/test_$name.py`: the hand-written reference, from your paper's formula.
 
 ## Test
@@ -740,7 +741,7 @@ batches, compare the loss with transformers' own, and train two steps through pe
 
 ```bash
 peftkit methods                                          # lists $name under objectives
-peftkit train recipes/sft-lora.yaml objective.name=$name   # with data whose records have "text"
+peftkit train recipes/sft-lora.yaml objective.name=$name data.train=texts.jsonl data.eval=null  # {"text": ...} records
 ```
 
 ## Publish
