@@ -340,6 +340,44 @@ def _class_methods_section(cls: type, qualname: str) -> list[str]:
     return lines
 
 
+def _data_class_section(cls: type, qualname: str) -> list[str]:
+    """A (data)class: its docstring, its fields with type and default, then its public methods and properties."""
+    doc = docstring(cls)
+    lines = [f"### `{qualname}`", "", md_text(_strip_attributes(doc)), ""]
+    attrs = attribute_docs(doc)
+    fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+    if attrs or fields:
+        lines += ["| attribute | type | default | description |", "|---|---|---|---|"]
+        for name in list(fields) + [n for n in attrs if n not in fields]:
+            field = fields.get(name)
+            kind = _annotation(field.type) if field is not None else ""
+            if field is None or (field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING):  # type: ignore[misc]
+                default = ""
+            elif field.default is not dataclasses.MISSING:
+                default = f"`{field.default!r}`"
+            else:
+                default = f"`{field.default_factory()!r}`"  # type: ignore[misc]
+            lines.append(f"| `{name}` | `{_cell(kind)}` | {default} | {_cell(md_text(attrs.get(name, '')))} |")
+        lines.append("")
+    try:
+        source = inspect.getsource(cls)
+    except OSError:
+        source = ""
+    members = [n for n, v in vars(cls).items() if not n.startswith("_") and (inspect.isfunction(v) or isinstance(v, property))]
+    for name in sorted(members, key=lambda n: source.find(f"def {n}(")):
+        value = vars(cls)[name]
+        if isinstance(value, property):
+            returns = _annotation(inspect.signature(value.fget).return_annotation)
+            lines += [f"#### `{name}` (property{': ' + returns if returns else ''})", ""]
+            text = md_text(docstring(value.fget))
+        else:
+            lines += [f"#### `{name}`", "", "```python", f"def {signature(value, drop_self=True)}", "```", ""]
+            text = md_text(docstring(value))
+        if text:
+            lines += [text, ""]
+    return lines
+
+
 def render_reference() -> str:
     import peftkit.injection
     import peftkit.interop
@@ -390,7 +428,9 @@ def render_reference() -> str:
     lines += ["## Test kit (`peftkit.testing`)", "", md_text(docstring(peftkit.testing)), ""]
     for name in peftkit.testing.__all__:
         obj = getattr(peftkit.testing, name)
-        if inspect.isfunction(obj) or (inspect.isclass(obj) and obj.__module__.startswith("peftkit")):
+        if inspect.isclass(obj) and obj.__module__.startswith("peftkit"):
+            lines += _data_class_section(obj, f"peftkit.testing.{name}")
+        elif inspect.isfunction(obj):
             lines += _function_section(obj, f"peftkit.testing.{name}")
         else:
             lines += [f"### `peftkit.testing.{name}`", "", f"A {type(obj).__name__}: " + _describe_value(name, obj), ""]
@@ -541,7 +581,7 @@ def objective_measured(name: str) -> str:
     if name == "ppo":
         return source + "\n\n" + quote(RLHF, RLHF_MEASURED, "### The tiny-model run").replace("## ", "#### ", 1) + "\n\n" + quote(RLHF, "### The tiny-model run", None).replace("### ", "#### ", 1)
     if name == "reward":
-        tiny = re.search(r"Reward model held-out accuracy [\d.]+ -> [\d.]+", (ROOT / RLHF).read_text())
+        tiny = re.search(r"Reward model held-out accuracy \d+\.\d+ -> \d+\.\d+", (ROOT / RLHF).read_text())
         return "\n\n".join([
             source,
             quote(RLHF, RLHF_MEASURED, "SmolLM2-135M-Instruct, fp32").replace("## ", "#### ", 1),

@@ -59,15 +59,25 @@ def _links(text: str) -> list[str]:
     return re.findall(r"\[[^\]]*\]\(([^)\s]+)\)", text)
 
 
+def _anchors(path: Path) -> set[str]:
+    """GitHub's heading anchors: lowercase, punctuation but ``-`` and ``_`` dropped, spaces as ``-``."""
+    text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in re.findall(r"^#+ (.*)$", text, re.M)}
+
+
 def test_relative_links_point_at_files_that_exist():
     broken = []
     for path in _markdown_files():
         for target in _links(path.read_text()):
-            if re.match(r"^[a-z][a-z0-9+.-]*:", target) or target.startswith("#"):
-                continue  # a URL or an anchor on the same page
-            if not (path.parent / target.split("#", 1)[0]).exists():
-                broken.append(f"{path.relative_to(ROOT)}: {target}")
-    assert not broken, "relative links to files that do not exist:\n" + "\n".join(broken)
+            if re.match(r"^[a-z][a-z0-9+.-]*:", target):
+                continue  # a URL
+            file_part, _, anchor = target.partition("#")
+            linked = (path.parent / file_part) if file_part else path
+            if not linked.exists():
+                broken.append(f"{path.relative_to(ROOT)}: {target} (no such file)")
+            elif anchor and linked.suffix == ".md" and anchor not in _anchors(linked):
+                broken.append(f"{path.relative_to(ROOT)}: {target} (no such heading)")
+    assert not broken, "broken relative links:\n" + "\n".join(broken)
 
 
 def test_every_builtin_has_a_page_linked_from_the_index():
