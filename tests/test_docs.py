@@ -122,6 +122,23 @@ def test_layer_wrapper_order_is_as_the_guide_says():
     assert pm.call_hook("peftkit_layer_wrapper", method="lora", layer=nn.Linear(2, 2), options=None) == "overriding"
 
 
+@pytest.mark.parametrize(
+    ("method", "dtype"),
+    [("lora", "bfloat16"), ("ia3", "bfloat16"), ("adapter", "bfloat16"), ("prompt_tuning", "float32"),
+     ("p_tuning", "float32"), ("prefix_tuning", "bfloat16")],
+)
+def test_dtype_table_of_the_guide_matches_the_builtins(method, dtype):
+    """Section 7's table, on a bfloat16 base: the base's dtype, or float32 at least for the virtual-token methods."""
+    import torch
+
+    from peftkit.testing import tiny_llama
+
+    row = next(line for line in GUIDE.read_text().splitlines() if line.startswith("|") and f"`{method}`" in line.split("|")[1])
+    assert ("float32 at least" in row) == (dtype == "float32")
+    tuned = peftkit.wrap(tiny_llama().to(torch.bfloat16), method)
+    assert {p.dtype for p in tuned.trainable_parameters()} == {getattr(torch, dtype)}
+
+
 def test_checklist_names_the_eight_holes():
     checklist = GUIDE.read_text().split("## Checklist", 1)[1]
     items = re.findall(r"^(\d)\. (.*?)(?=^\d\. |^Also:|\Z)", checklist, flags=re.S | re.M)
