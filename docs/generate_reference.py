@@ -549,10 +549,11 @@ def method_measured(name: str) -> str:
     if name not in rows:
         return f"README.md's anchor table (`{command}`, {when}) has no row for `{name}`."
     wanted = [rows[name]] + ([rows["peft-lora (same loop)"]] if name == "lora" and "peft-lora (same loop)" in rows else [])
+    setup = " ".join(quote("README.md", "Every method on a real task", "| method |").split())
     return "\n".join([
-        f"From [README.md](../../README.md#benchmarks), `{command}` ({when}): the shipped `sft-*` recipe with "
-        "`train.lr: auto` on SmolLM2-135M-Instruct, chatterbot pairs (1,029 train / 200 held out), batch 8, 80 steps, "
-        "max length 128; the anchor column is `peft` + a plain loop on its own split.",
+        f"From [README.md](../../README.md#benchmarks) (`{command}`, {when}):",
+        "",
+        "> " + setup,
         "",
         *header,
         *wanted,
