@@ -43,6 +43,9 @@ def test_three_rates_on_tiny_llama_give_a_best_with_a_finite_loss_and_a_divergin
     assert all(run.eval_loss != run.eval_loss_before for run in finished), "a run did not train"
     # the given model is copied for each rate, never trained itself
     assert not any(hasattr(module, "base_layer") for module in model.modules())
+    # the same seed each time: a rate run on its own (held-out loss before measured afresh) gives the same numbers
+    alone = lr_sweep("lora", [1e-2], steps=2, model=model, tokenizer=tiny_tokenizer(), data=_data(tmp_path), r=4).runs[0]
+    assert (alone.eval_loss_before, alone.eval_loss) == (finished[1].eval_loss_before, finished[1].eval_loss)
     table = result.table()
     assert "failed" in table and f"{result.best.lr:>10.3g}*" in table
     assert result.injector_line().startswith(f"recommended_lr = {result.best.lr:g}  #")

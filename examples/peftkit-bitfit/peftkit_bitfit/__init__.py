@@ -9,6 +9,9 @@ bias is stored as a zero-initialised offset ``delta``::
 Layers without a bias are not targets (BitFit has nothing to train there).
 This package uses only peftkit's public plugin API: the ``peftkit`` entry
 point in pyproject.toml, ``peftkit.hookimpl``, and the InjectionContext helpers.
+The offset has the bias's shape, dtype and device, so the layer needs no sizes
+(a method that does gets them from ``peftkit.injection.layer_features``, which
+knows Linear, GPT-2's in x out ``Conv1D`` and quantized linears).
 """
 
 from __future__ import annotations
@@ -128,7 +131,9 @@ def peftkit_register_injectors(register: Callable[[Any], None]) -> None:
     register(BitFitInjector())
 
 
-@peftkit.hookimpl
+# trylast, as the hook spec asks of a method's own wrapper: another plugin that teaches BitFit a new layer
+# type (answering for it before this one) then wins for that type, and this stays the fallback.
+@peftkit.hookimpl(trylast=True)
 def peftkit_layer_wrapper(method: str, layer: nn.Module, options: Any) -> Callable[..., nn.Module] | None:
     if method == "bitfit" and isinstance(getattr(layer, "bias", None), torch.Tensor):
         return BitFitLayer
