@@ -55,8 +55,9 @@ def layer_features(layer: nn.Module) -> tuple[int, int]:
     ``nf`` is the output size; and bitsandbytes' quantized linears (``Linear4bit``,
     ``Linear8bitLt``; also what ``"all-linear"`` selects on a quantized model), whose
     packed ``weight`` has no meaningful shape, so their ``in_features``/``out_features``
-    attributes are used. A layer already wrapped by an adapter (any module with a
-    ``base_layer``) gives the sizes of the original layer underneath.
+    attributes are used; any other layer with integer ``in_features``/``out_features``
+    attributes is read the same way. A layer already wrapped by an adapter (any module
+    with a ``base_layer``) gives the sizes of the original layer underneath.
 
     :param layer: the layer, wrapped or not.
     :returns: ``(in_features, out_features)``.
@@ -65,13 +66,17 @@ def layer_features(layer: nn.Module) -> tuple[int, int]:
     base = innermost_base(layer)
     if type(base).__name__ == "Conv1D":  # transformers' GPT-2 layer: weight is (in, out)
         return int(base.weight.shape[0]), int(base.nf)
-    # bitsandbytes' Linear4bit/Linear8bitLt subclass nn.Linear and keep the logical sizes in these attributes.
-    if isinstance(base, nn.Linear):
-        return int(base.in_features), int(base.out_features)
+    # bitsandbytes' Linear4bit/Linear8bitLt subclass nn.Linear and keep the logical sizes in these attributes;
+    # any other layer that declares them is Linear-like too (a plugin may teach a method such a layer type
+    # through peftkit_layer_wrapper, and the built-in wrappers then size themselves from it).
+    sizes = getattr(base, "in_features", None), getattr(base, "out_features", None)
+    if all(isinstance(n, int) and not isinstance(n, bool) for n in sizes):
+        return sizes[0], sizes[1]
     seen = f" (under the adapter wrapper {type(layer).__name__})" if base is not layer else ""
     raise TypeError(
         f"layer_features: {type(base).__module__}.{type(base).__name__}{seen} is not a Linear-like layer; it knows "
-        "torch.nn.Linear, transformers' Conv1D and bitsandbytes' Linear4bit/Linear8bitLt. For another layer type, "
+        "torch.nn.Linear, transformers' Conv1D, bitsandbytes' Linear4bit/Linear8bitLt and layers with integer "
+        "in_features/out_features attributes. For another layer type, "
         "read its sizes from the layer itself (and teach your wrapper that type explicitly)"
     )
 

@@ -53,3 +53,14 @@ def test_layer_shape_is_out_by_in_from_layer_features():
 def test_other_layers_are_a_type_error_naming_the_type(layer):
     with pytest.raises(TypeError, match=rf"{type(layer).__name__} is not a Linear-like layer"):
         layer_features(layer)
+
+
+def test_a_layer_declaring_integer_sizes_is_linear_like():
+    class Declared(nn.Module):  # a layer type a plugin teaches a method (tests/core/test_hookspecs.py does so for lora)
+        in_features, out_features = 6, 9
+
+    assert layer_features(Declared()) == (6, 9)
+    undeclared = Declared()
+    undeclared.in_features = "6"
+    with pytest.raises(TypeError, match="Declared"):
+        layer_features(undeclared)
