@@ -98,8 +98,11 @@ def peftkit_layer_wrapper(method: str, layer: "nn.Module", options: Any) -> Call
     wrapper to use for each target layer, so a plugin can teach a method a new
     layer type (a quantized Linear, a fused kernel) without editing the method.
     The first implementation that returns something other than ``None`` wins
-    (``firstresult``); built-in methods answer for the layer types they know
-    with ``trylast=True`` so that any other plugin can override them.
+    (``firstresult``). Built-in methods answer for the layer types they know
+    with ``trylast=True``, so an implementation declared without ``trylast``
+    runs before them and overrides them. Among ``trylast`` implementations the
+    earliest registered answers first (the built-ins load first): declare
+    ``trylast=True`` for layer types you add and would let a built-in keep.
 
     :param method: the method name asking, e.g. ``"lora"``.
     :param layer: the layer about to be wrapped (the innermost base layer when
