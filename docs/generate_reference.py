@@ -630,20 +630,15 @@ def _fill(path: Path, blocks: dict[str, str]) -> str:
 def expected_files() -> dict[Path, str]:
     """Every file this script writes, with the content it would write."""
     files = {DOCS / "reference.md": render_reference()}
-    methods = _registered("method")
-    for name in METHODS:
-        reg = methods[name]
-        files[DOCS / "methods" / f"{name}.md"] = _fill(
-            DOCS / "methods" / f"{name}.md",
-            {"facts": method_facts(name, reg), "options": options_table(reg.obj.options), "measured": method_measured(name)},
-        )
-    objectives = _registered("objective")
-    for name in OBJECTIVES:
-        reg = objectives[name]
-        files[DOCS / "objectives" / f"{name}.md"] = _fill(
-            DOCS / "objectives" / f"{name}.md",
-            {"facts": objective_facts(name, reg), "options": options_table(reg.obj.options), "measured": objective_measured(name)},
-        )
+    pages = (
+        ("method", "methods", METHODS, method_facts, method_measured),
+        ("objective", "objectives", OBJECTIVES, objective_facts, objective_measured),
+    )
+    for kind, folder, names, facts, measured in pages:
+        registered = _registered(kind)
+        for name in names:
+            reg, page = registered[name], DOCS / folder / f"{name}.md"
+            files[page] = _fill(page, {"facts": facts(name, reg), "options": options_table(reg.obj.options), "measured": measured(name)})
     return files
 
 

@@ -411,6 +411,19 @@ def test_bad_options_are_one_error_naming_the_option(options: dict[str, Any], na
     assert not any(isinstance(m, ${Class}Layer) for m in model.modules()), "a refused wrap left layers behind"
 '''
 
+# The last section of both kinds' README (filled with the same placeholders).
+_PUBLISH = '''\
+## Publish
+
+Keep the distribution name `$dist` and the `[project.entry-points.peftkit]` table, then:
+
+```bash
+python -m build && twine upload dist/*
+```
+
+Users `pip install $dist`; `peftkit plugins` lists it with its version and hooks.
+'''
+
 _METHOD_README = '''\
 # $dist
 
@@ -456,16 +469,7 @@ import peftkit
 tuned = peftkit.wrap(model, "$name", r=8)
 ```
 
-## Publish
-
-Keep the distribution name `$dist` and the `[project.entry-points.peftkit]` table, then:
-
-```bash
-python -m build && twine upload dist/*
-```
-
-Users `pip install $dist`; `peftkit plugins` lists it with its version and hooks.
-'''
+''' + _PUBLISH
 
 # =================================================================== objective
 _OBJECTIVE_INIT = '''\
@@ -744,16 +748,7 @@ peftkit methods                                          # lists $name under obj
 peftkit train recipes/sft-lora.yaml objective.name=$name data.train=texts.jsonl data.eval=null  # {"text": ...} records
 ```
 
-## Publish
-
-Keep the distribution name `$dist` and the `[project.entry-points.peftkit]` table, then:
-
-```bash
-python -m build && twine upload dist/*
-```
-
-Users `pip install $dist`; `peftkit plugins` lists it with its version and hooks.
-'''
+''' + _PUBLISH
 
 _FILES = {
     "method": {
