@@ -1,0 +1,1 @@
+"""Built-in plugin ``classify``: GPT-1 style classification (work in progress; registers nothing yet)."""

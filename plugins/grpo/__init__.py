@@ -1,0 +1,1 @@
+"""Built-in plugin ``grpo``: group-relative policy optimisation (work in progress; registers nothing yet)."""
