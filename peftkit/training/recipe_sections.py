@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from peftkit.options import _short_repr
 from peftkit.training.models import load_kwargs_problem
+from peftkit.training.tracking import report_to_problems
 
 __all__ = [
     "ModelConfig",
@@ -208,6 +209,10 @@ class OutputConfig:
     log_every: int = 10  # metrics.jsonl line + progress-bar update every N steps
     eval_every: int = 0  # held-out loss every N steps (0: only before and after training)
     plot: bool = True  # write loss_curve.png at the end
+    # experiment trackers through accelerate (peftkit.training.tracking): tensorboard, wandb, mlflow, comet_ml, aim,
+    # clearml, dvclive, swanlab, trackio; every logged metric and the recipe as hyperparameters; files under
+    # <dir>/tracking/. [] (the default): none
+    report_to: list[str] = field(default_factory=list)
 
     def validate(self) -> list[str]:
         problems = _empty("output.dir", self.dir, "give a folder such as runs/{objective}-{method} (an empty one would write into the working directory)")
@@ -219,6 +224,7 @@ class OutputConfig:
             problems.append(f"output.log_every = {self.log_every!r} must be >= 1")
         for key in ("save_every", "log_every", "eval_every"):
             problems += _too_large(f"output.{key}", getattr(self, key), MAX_STEPS, "steps")
+        problems += report_to_problems(self.report_to)
         return problems
 
 

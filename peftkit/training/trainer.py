@@ -10,7 +10,9 @@ Outputs in ``output.dir``: ``recipe.yaml`` (what ran), ``metrics.jsonl`` (one
 JSON object per logged step or evaluation), ``checkpoint/`` (adapter in its
 training form + optimizer, scheduler, RNG states, step and data position,
 replaced atomically), ``adapter/`` (the final adapter, inference form),
-``loss_curve.png``. While a run writes there, ``output.dir`` is locked
+``loss_curve.png``, and with ``output.report_to`` the trackers' files under
+``tracking/`` (:mod:`.tracking`: every logged record goes to the trackers too,
+the recipe as hyperparameters). While a run writes there, ``output.dir`` is locked
 (:mod:`.run_lock`); a run start puts back what a crash between the two renames
 of a replacement left as ``checkpoint.peftkit-old``/``adapter.peftkit-old``, and
 refuses to replace a finished run of another recipe without ``overwrite``
@@ -55,6 +57,7 @@ from peftkit.errors import TrainingError
 from peftkit.training.finite_guard import FiniteGuard
 from peftkit.training.run_files import keep_metrics_through, refuse_replacing_run, refuse_wrong_resume
 from peftkit.training.run_lock import RunLock
+from peftkit.training import tracking
 from peftkit.options import options_to_dict
 from peftkit.plugins import PluginManager
 from peftkit.plugins import plugin_manager as default_plugin_manager
@@ -183,7 +186,14 @@ class Trainer:
         # cpu=True; under torchrun on a machine without GPU that is what is meant.
         launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
         cpu = recipe.train.cpu or (launched and not torch.cuda.is_available())
-        self.accelerator = Accelerator(cpu=cpu, mixed_precision=recipe.train.mixed_precision)
+        problems = tracking.report_to_problems(recipe.output.report_to)  # a Recipe built by hand skipped validation
+        if problems:
+            raise TrainingError("; ".join(problems))
+        self.accelerator = Accelerator(
+            cpu=cpu,
+            mixed_precision=recipe.train.mixed_precision,
+            **tracking.accelerator_kwargs(recipe.output.report_to, self.output_dir),
+        )
         self.objective = self.pm.get_objective(recipe.objective.name)
         self.objective_options = recipe.objective_options
         self._given_model, self._given_tokenizer = model, tokenizer
@@ -371,13 +381,16 @@ class Trainer:
             save_extras(self.tuned, directory, self.objective_options)
 
     def log(self, record: dict[str, Any]) -> None:
-        """Append one record to ``metrics.jsonl`` and tell the ``peftkit_on_log`` hook (main process)."""
+        """Append one record to ``metrics.jsonl``, send it to the ``output.report_to`` trackers and tell the
+        ``peftkit_on_log`` hook (main process). Objectives with a loop of their own log through here too."""
         self.history.append(record)
         if not self.accelerator.is_main_process:
             return
         with open(self.metrics_path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
         metrics = {k: float(v) for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+        if self.accelerator.trackers:
+            self.accelerator.log(metrics, step=int(record["step"]))
         self.pm.call_hook("peftkit_on_log", step=int(record["step"]), metrics=metrics)
 
     def save_checkpoint(self) -> None:
@@ -432,12 +445,27 @@ class Trainer:
                 (self.output_dir / RECIPE_FILE).write_text(yaml.safe_dump(self.recipe.to_dict(), sort_keys=False))
                 if not self.resume and self.metrics_path.exists():
                     self.metrics_path.unlink()
+            self._start_trackers()
             run = getattr(self.objective, "run", None)
             if callable(run):  # an objective with a loop of its own (e.g. PPO rollouts)
                 return run(self, self.objective_options)
             return self._sft_style_loop()
         finally:
+            self._end_trackers()
             self.run_lock.release()
+
+    def _start_trackers(self) -> None:
+        """Start the ``output.report_to`` trackers with the recipe as hyperparameters (nothing without any)."""
+        if self.recipe.output.report_to and not self.accelerator.trackers:
+            self.accelerator.init_trackers(
+                tracking.project_name(self.output_dir), config=tracking.flat_hyperparameters(self.recipe)
+            )
+
+    def _end_trackers(self) -> None:
+        """Flush and close the trackers (the run returned or failed)."""
+        if self.accelerator.trackers:
+            self.accelerator.end_training()
+            self.accelerator.trackers.clear()
 
     def _sft_style_loop(self) -> TrainResult:
         from tqdm.auto import tqdm

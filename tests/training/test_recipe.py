@@ -32,6 +32,19 @@ def test_shipped_recipes_validate_and_open_with_their_run_command(path):
     assert recipe.method_options is not None and recipe.objective_options is not None
 
 
+@pytest.mark.parametrize("path", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_name_every_key_of_every_section(path):
+    """The shipped recipes are the reference of the recipe keys: each names every key (output.report_to too)."""
+    import dataclasses
+
+    from peftkit.training.recipe_sections import SECTIONS
+
+    raw = yaml.safe_load(path.read_text())
+    missing = [f"{name}.{f.name}" for name, cls in SECTIONS.items() for f in dataclasses.fields(cls) if f.name not in (raw.get(name) or {})]
+    assert missing == [], f"{path.name} does not name {missing}"
+    assert raw["output"]["report_to"] == []
+
+
 def test_shipped_recipes_differ_in_the_method_block_only():
     base = yaml.safe_load((RECIPES / "sft-lora.yaml").read_text())
     for path in RECIPES.glob("sft-*.yaml"):
