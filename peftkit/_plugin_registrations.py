@@ -24,7 +24,7 @@ BUILTIN_PACKAGE = "peftkit"
 
 @dataclass(frozen=True)
 class Registered:
-    """Something a plugin registered: an injector or an objective, and who provided it."""
+    """Something a plugin registered: an injector, an objective or a reward, and who provided it."""
 
     name: str
     obj: Any
@@ -36,15 +36,18 @@ class Registered:
 def check_registration(kind: str, obj: Any, mine: list[Registered]) -> str:
     """The name of ``obj``, registered as a ``kind`` by a plugin that registered ``mine`` so far.
 
-    :raises PluginError: for an object without a string ``name``, a ``description`` or ``options``,
-        or a name the plugin registered before (the hook's caller names the plugin).
+    :raises PluginError: for an object without a string ``name`` or a ``description``; a method or
+        objective without ``options``; a reward that is not callable; or a name the plugin registered
+        before (the hook's caller names the plugin).
     """
     name = getattr(obj, "name", None)
     if not isinstance(name, str) or not name:
         raise PluginError(f"registered {obj!r}, which has no string 'name' attribute")
-    for attr in ("description", "options"):
+    for attr in ("description",) if kind == "reward" else ("description", "options"):
         if not hasattr(obj, attr):
             raise PluginError(f"registered {kind} {name!r} without {attr!r}")
+    if kind == "reward" and not callable(obj):
+        raise PluginError(f"registered reward {name!r}, which is not callable as reward(prompts, completions, records)")
     if any(reg.name == name for reg in mine):
         raise PluginError(f"registered {kind} {name!r} twice")
     return name
@@ -54,7 +57,7 @@ def check_registration(kind: str, obj: Any, mine: list[Registered]) -> str:
 class NameCollision:
     """A name that several plugins registered, and how it was settled.
 
-    :param kind: ``"method"`` or ``"objective"``.
+    :param kind: ``"method"``, ``"objective"`` or ``"reward"``.
     :param name: the contested name.
     :param winner: the registration that got the name, ``None`` when none did.
     :param skipped: the registrations that did not.
@@ -75,7 +78,7 @@ def resolve_names(
 ) -> tuple[dict[str, Registered], list[NameCollision]]:
     """Settle every name: ``(name -> registration that got it, collisions)``.
 
-    :param kind: ``"method"`` or ``"objective"``, for messages.
+    :param kind: ``"method"``, ``"objective"`` or ``"reward"``, for messages.
     :param registrations: every valid registration of every plugin, in call order.
     :param selection: the ``PEFTKIT_PLUGINS`` names (plugins or packages), ``None`` if unset.
     """

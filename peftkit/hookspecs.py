@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
     from torch import nn
 
-    from peftkit.registry import Injector, Objective
+    from peftkit.registry import Injector, Objective, Reward
     from peftkit.tuned_model import TunedModel
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "hookimpl",
     "peftkit_register_injectors",
     "peftkit_register_objectives",
+    "peftkit_register_rewards",
     "peftkit_layer_wrapper",
     "peftkit_after_inject",
     "peftkit_model_load_kwargs",
@@ -86,6 +87,30 @@ def peftkit_register_objectives(register: Callable[["Objective"], None]) -> None
         ``PEFTKIT_PLUGINS`` chooses the third-party plugin; two third-party
         plugins both lose the name). A hook that raises loses only this
         plugin's objectives.
+    :returns: nothing; the return value is ignored.
+    """
+
+
+@hookspec
+def peftkit_register_rewards(register: Callable[["Reward"], None]) -> None:
+    """Register reward functions for objectives that score sampled completions (GRPO, ...).
+
+    Call ``register(reward)`` once for each reward the plugin provides. A
+    reward satisfies the :class:`peftkit.registry.Reward` protocol: a unique
+    ``name`` (what ``objective.options.reward`` names), a one-line
+    ``description``, and ``__call__(prompts, completions, records)`` returning
+    one float per completion. Rewards are code, not models: a learned reward
+    model stays a directory the objective loads itself.
+
+    :param register: callback taking one reward. It raises
+        :class:`peftkit.errors.PluginError` for an object without a string
+        ``name`` or a ``description``, one that is not callable, or a name this
+        plugin registered before; if that (or anything else) escapes the hook,
+        every reward this plugin registered here is dropped, the plugin is
+        listed as failed and the others keep working. A name several plugins
+        register is settled exactly as for :func:`peftkit_register_objectives`
+        (built-ins win unless ``PEFTKIT_PLUGINS`` chooses the third-party
+        plugin; two third-party plugins both lose the name).
     :returns: nothing; the return value is ignored.
     """
 

@@ -7,7 +7,7 @@ distribution itself), then every other distribution's entry points in the
 * ``PEFTKIT_DISABLE_PLUGIN_AUTOLOAD=1``: load no third-party entry points.
 * ``PEFTKIT_PLUGINS=a,b``: load only these third-party plugins (entry-point
   names or distribution names). Built-ins always load. Naming a plugin here also
-  lets it take a method or objective name from a built-in (see :mod:`peftkit._plugin_registrations`).
+  lets it take a method, objective or reward name from a built-in (see :mod:`peftkit._plugin_registrations`).
 * ``PEFTKIT_TRACE_HOOKS=1``: print every hook call to stderr.
 
 One faulty plugin never takes the others down:
@@ -57,7 +57,11 @@ __all__ = [
 ]
 
 ENTRY_POINT_GROUP = "peftkit"
-_REGISTRIES = {"method": "peftkit_register_injectors", "objective": "peftkit_register_objectives"}
+_REGISTRIES = {
+    "method": "peftkit_register_injectors",
+    "objective": "peftkit_register_objectives",
+    "reward": "peftkit_register_rewards",
+}
 
 
 class PluginLoadWarning(PeftkitWarning):
@@ -65,7 +69,7 @@ class PluginLoadWarning(PeftkitWarning):
 
 
 class PluginManager(pluggy.PluginManager):
-    """A pluggy manager that keeps the registries of methods and objectives, and contains faulty plugins."""
+    """A pluggy manager that keeps the registries of methods, objectives and rewards, and contains faulty plugins."""
 
     def __init__(self) -> None:
         super().__init__("peftkit")
@@ -229,7 +233,7 @@ class PluginManager(pluggy.PluginManager):
         return sorted(self._failures.values(), key=lambda f: (f.plugin, f.stage))
 
     def collisions(self) -> list[NameCollision]:
-        """Method and objective names registered by more than one plugin (as collected so far)."""
+        """Method, objective and reward names registered by more than one plugin (as collected so far)."""
         return [c for hook_name in _REGISTRIES.values() for c in self._collisions.get(hook_name, [])]
 
     def _fail(self, failure: PluginFailure) -> None:
@@ -242,7 +246,7 @@ class PluginManager(pluggy.PluginManager):
             warnings.warn(message, PluginLoadWarning, stacklevel=3)
 
     def unavailable_reason(self, kind: str, name: str) -> str | None:
-        """Why ``name`` is not a registered ``kind`` (``"method"``/``"objective"``) although a plugin meant to provide it.
+        """Why ``name`` is not a registered ``kind`` (``"method"``/``"objective"``/``"reward"``) although a plugin meant to provide it.
 
         :returns: a sentence naming the collision or plugin failure that took it away, or ``None``.
         """
@@ -292,6 +296,10 @@ class PluginManager(pluggy.PluginManager):
         """Every registered objective, by name."""
         return self._collect("objective")
 
+    def rewards(self) -> dict[str, Registered]:
+        """Every registered reward function, by name."""
+        return self._collect("reward")
+
     def get_injector(self, name: str) -> Any:
         """The injector registered as ``name``.
 
@@ -309,6 +317,13 @@ class PluginManager(pluggy.PluginManager):
         :raises UnknownMethodError: saying which plugin failed to provide it, or listing the available objectives.
         """
         return self._get("objective", name, self.objectives(), "Check `peftkit methods`.")
+
+    def get_reward(self, name: str) -> Any:
+        """The reward function registered as ``name``.
+
+        :raises UnknownMethodError: saying which plugin failed to provide it, or listing the available rewards.
+        """
+        return self._get("reward", name, self.rewards(), "Check `peftkit methods`.")
 
     def _get(self, kind: str, name: str, found: dict[str, Registered], hint: str) -> Any:
         if name in found:

@@ -1,4 +1,4 @@
-"""The shapes plugins fill in: the ``Injector``, ``Objective`` and ``AdapterLayer`` protocols.
+"""The shapes plugins fill in: the ``Injector``, ``Objective``, ``Reward`` and ``AdapterLayer`` protocols.
 
 These are :class:`typing.Protocol` classes, not base classes: a plugin
 satisfies them by having the right attributes, and never needs to import
@@ -16,7 +16,7 @@ from torch import nn
 if TYPE_CHECKING:
     from peftkit.injection import InjectionContext
 
-__all__ = ["Injector", "Objective", "ObjectiveLoss", "AdapterLayer", "is_adapter_layer"]
+__all__ = ["Injector", "Objective", "ObjectiveLoss", "Reward", "AdapterLayer", "is_adapter_layer"]
 
 
 class Injector(Protocol):
@@ -114,6 +114,32 @@ class ObjectiveLoss(NamedTuple):
     loss: torch.Tensor
     num_targets: int
     metrics: dict[str, float] = {}
+
+
+class Reward(Protocol):
+    """A programmatic reward, registered through ``peftkit_register_rewards``.
+
+    Objectives that learn from sampled completions (``grpo``) name one in
+    ``objective.options.reward`` and call it once per rollout with every
+    completion of the batch (all prompts, ``num_generations`` each).
+
+    Attributes:
+        name: the name recipes use (``reward: arithmetic_exact_match``); unique across plugins.
+        description: one line shown by ``peftkit methods``.
+    """
+
+    name: str
+    description: str
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str], records: Sequence[Mapping[str, Any]]) -> list[float]:
+        """One finite reward per completion.
+
+        :param prompts: the prompt text of each completion (repeated for completions of one prompt).
+        :param completions: the decoded completions (special tokens removed), aligned with ``prompts``.
+        :param records: the data record each prompt came from (its other fields, e.g. ``answer``), aligned too.
+        :returns: a list of ``len(completions)`` floats.
+        """
+        ...
 
 
 @runtime_checkable

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 
 import torch
 
+# The scoring rules are the built-in rewards' (arithmetic_exact_match, arithmetic_first_number), so GRPO trains on the metric.
+from peftkit_plugins.rewards.arithmetic import exact_match, first_number_match
+
 HERE = Path(__file__).resolve().parent
-_INTEGER = re.compile(r"-?\d+")
 
 
 def main() -> None:
@@ -50,9 +51,8 @@ def main() -> None:
                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
             for record, row in zip(chunk, out[:, width:]):
                 reply = tokenizer.decode(row, skip_special_tokens=True).strip()
-                first = _INTEGER.search(reply)
-                exact += reply == str(record["answer"])
-                number += first is not None and int(first.group()) == record["answer"]
+                exact += exact_match(reply, record["answer"])
+                number += first_number_match(reply, record["answer"])
                 if start == 0 and chunk.index(record) < args.show:
                     print(f"  {record['prompt']!r} -> {reply!r} (answer {record['answer']})")
     n = len(records)

@@ -19,6 +19,9 @@ import json
 import random
 from pathlib import Path
 
+# The reward itself ships with peftkit (the built-in ``rewards`` plugin, reward name ``rlhf_task``): data/ is not installed.
+from peftkit_plugins.rewards.rlhf_task import true_reward
+
 __all__ = ["true_reward", "styles"]
 
 TOPICS = [
@@ -40,14 +43,6 @@ REPLIES = [
     "I like {t} a lot, they are calm and bright", "People have written about {t} for centuries",
     "A quiet moment with {t} is a good moment", "{T} remind me that the world is big and kind",
 ]
-
-
-def true_reward(response: str) -> float:
-    """0.6 for no uppercase letter + 0.4 for ending with '!' (after stripping spaces); 0 without any letter."""
-    text = response.strip()
-    if not any(c.isalpha() for c in text):
-        return 0.0
-    return 0.6 * float(not any(c.isupper() for c in text)) + 0.4 * float(text.endswith("!"))
 
 
 def styles(reply: str) -> dict[str, str]:

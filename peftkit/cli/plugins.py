@@ -28,6 +28,7 @@ def _cmd_methods(args: argparse.Namespace) -> int:
         lr = getattr(reg.obj, "recommended_lr", None)
         rows.append((name, f"{reg.plugin} [{package}]", "-" if lr is None else f"{lr:g}", reg.obj.description))
     objectives = sorted(pm.objectives().items())
+    rewards = sorted(pm.rewards().items())
     if rows:
         print_table(("method", "plugin [package version]", "lr (auto)", "description"), rows)
     else:
@@ -38,13 +39,17 @@ def _cmd_methods(args: argparse.Namespace) -> int:
             ("objective", "plugin", "description"),
             [(n, r.plugin, r.obj.description) for n, r in objectives],
         )
+    if rewards:
+        print()
+        print_table(("reward", "plugin", "description"), [(n, r.plugin, r.obj.description) for n, r in rewards])
     _print_unavailable(pm)
     return 0 if rows else 1
 
 
 def _print_unavailable(pm: PluginManager) -> None:
     """What plugins meant to provide but could not: failures and names given up or chosen in a collision."""
-    failed = [f for f in pm.failures() if f.stage in ("import", "peftkit_register_injectors", "peftkit_register_objectives")]
+    stages = ("import", "peftkit_register_injectors", "peftkit_register_objectives", "peftkit_register_rewards")
+    failed = [f for f in pm.failures() if f.stage in stages]
     if failed:
         print("\nfailed plugins (what they provide is unavailable; see `peftkit plugins`):")
         rows = [(f.plugin, f.package or "-", f.stage, f.error) for f in failed]
@@ -58,7 +63,7 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     from peftkit.plugins import plugin_manager
 
     pm = plugin_manager()
-    pm.injectors(), pm.objectives()  # run the registration hooks, so that their failures are known
+    pm.injectors(), pm.objectives(), pm.rewards()  # run the registration hooks, so that their failures are known
     failed: dict[str, list[PluginFailure]] = {}
     for failure in pm.failures():
         failed.setdefault(failure.plugin, []).append(failure)
@@ -105,7 +110,7 @@ def _cmd_new_method(args: argparse.Namespace) -> int:
 
 def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     """Add ``methods``, ``plugins`` and ``new-method`` to the ``peftkit`` parser."""
-    p = subparsers.add_parser("methods", help="list installed PEFT methods and objectives")
+    p = subparsers.add_parser("methods", help="list installed PEFT methods, objectives and reward functions")
     p.set_defaults(func=_cmd_methods)
     p = subparsers.add_parser("plugins", help="list loaded plugins, their package versions, hooks and failures")
     p.set_defaults(func=_cmd_plugins)

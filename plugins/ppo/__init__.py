@@ -21,7 +21,7 @@ from peftkit_plugins.ppo.advantages import gae, masked_mean, masked_var, whiten
 from peftkit_plugins.ppo.kl_control import KLController
 from peftkit_plugins.ppo.learner import PPOLearner, ptx_loss
 from peftkit_plugins.ppo.losses import entropy_from_logits, policy_loss, token_logprobs, token_rewards, value_loss
-from peftkit_plugins.ppo.objective import PPOObjective, setup_roles, stop_token_ids
+from peftkit_plugins.ppo.objective import PPOObjective, check_train_settings, setup_roles, stop_token_ids
 from peftkit_plugins.ppo.options import PPOOptions
 from peftkit_plugins.ppo.roles import Roles, attach_value_head
 from peftkit_plugins.ppo.rollout import Rollout, generate_responses, pack_episodes
@@ -34,6 +34,7 @@ __all__ = [
     "Roles",
     "Rollout",
     "attach_value_head",
+    "check_train_settings",
     "entropy_from_logits",
     "gae",
     "generate_responses",

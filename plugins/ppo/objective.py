@@ -40,7 +40,7 @@ from peftkit_plugins.reward.formatting import end_token_id
 from peftkit_plugins.reward.head import heads_of
 from peftkit_plugins.reward.saving import load_reward_model
 
-__all__ = ["PPOObjective", "setup_roles", "stop_token_ids", "PPO_STATE_FILE"]
+__all__ = ["PPOObjective", "check_train_settings", "setup_roles", "stop_token_ids", "PPO_STATE_FILE"]
 
 PPO_STATE_FILE = "ppo_state.pt"
 POLICY, REFERENCE, REWARD = "default", "reference", "reward"
@@ -52,7 +52,7 @@ def stop_token_ids(tokenizer: Any, stop_tokens: Sequence[str]) -> list[int]:
     for token in stop_tokens:
         token_id = tokenizer.convert_tokens_to_ids(token)
         if token_id is None or token_id == getattr(tokenizer, "unk_token_id", None):
-            raise PeftkitError(f"ppo option stop_tokens: {token!r} is not a single token of this tokenizer; give vocabulary tokens")
+            raise PeftkitError(f"objective option stop_tokens: {token!r} is not a single token of this tokenizer; give vocabulary tokens")
         ids.append(int(token_id))
     return sorted(set(ids))
 
@@ -60,15 +60,20 @@ def stop_token_ids(tokenizer: Any, stop_tokens: Sequence[str]) -> list[int]:
 def _adapter_method(path: str) -> str:
     config = Path(path) / "adapter_config.json"
     if not config.is_file():
-        raise PeftkitError(f"ppo option sft_adapter = {path!r} is not an adapter directory (no adapter_config.json)")
+        raise PeftkitError(f"objective option sft_adapter = {path!r} is not an adapter directory (no adapter_config.json)")
     return json.loads(config.read_text())["method"]
 
 
-def setup_roles(tuned: Any, options: PPOOptions, *, policy: str = POLICY, replace_policy_with_sft: bool = True, seed: int = 0) -> Roles:
+def setup_roles(
+    tuned: Any, options: Any, *, policy: str = POLICY, replace_policy_with_sft: bool = True, seed: int = 0, value_head: bool = True
+) -> Roles:
     """Load reference and reward adapters next to the policy on ``tuned``, and add the value head.
 
+    :param options: any options with ``sft_adapter`` and ``reward_model`` (``None``/empty: no reward
+        model role, e.g. GRPO with a reward function) and optionally ``value_shares_trunk``.
     :param replace_policy_with_sft: start the policy as a trainable copy of ``options.sft_adapter``
         (the policy adapter ``policy`` is replaced); ``False`` keeps the policy as it is (resuming).
+    :param value_head: attach the value head (PPO); GRPO has no value function.
     :raises PeftkitError: if the SFT adapter's method is not the policy's method.
     """
     reference = None
@@ -86,10 +91,32 @@ def setup_roles(tuned: Any, options: PPOOptions, *, policy: str = POLICY, replac
             tuned.load_adapter(options.sft_adapter, policy, is_trainable=True)
         tuned.load_adapter(options.sft_adapter, REFERENCE, is_trainable=False)
         reference = REFERENCE
-    load_reward_model(tuned, options.reward_model, REWARD)
+    if options.reward_model:
+        load_reward_model(tuned, options.reward_model, REWARD)
     tuned.set_adapter(policy)
-    attach_value_head(tuned, seed=seed)
-    return Roles(tuned, policy=policy, reward=REWARD, reference=reference, value_shares_trunk=options.value_shares_trunk)
+    if value_head:
+        attach_value_head(tuned, seed=seed)
+    return Roles(
+        tuned, policy=policy, reward=REWARD if options.reward_model else None, reference=reference,
+        value_shares_trunk=getattr(options, "value_shares_trunk", False),
+    )
+
+
+def check_train_settings(cfg: Any, objective: str) -> None:
+    """Refuse loop settings a rollout objective (``ppo``, ``grpo``) would otherwise ignore silently."""
+    problems = []
+    if cfg.gradient_accumulation_steps != 1:
+        problems.append(
+            f"train.gradient_accumulation_steps = {cfg.gradient_accumulation_steps}: {objective} updates once per minibatch "
+            "of the rollout; set it to 1 and size updates with objective.options.minibatch_size"
+        )
+    if cfg.gradient_checkpointing:
+        problems.append(
+            f"train.gradient_checkpointing = true: {objective} runs the policy in eval mode (no dropout, so update-time "
+            "log-probs match the rollout's), where transformers does not checkpoint; set it to false"
+        )
+    if problems:
+        raise PeftkitError(f"objective {objective!r} cannot use these train settings:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
 class PPOObjective:
@@ -204,19 +231,7 @@ class PPOObjective:
     @staticmethod
     def _check_train_settings(cfg: Any) -> None:
         """Refuse loop settings PPO would otherwise ignore silently."""
-        problems = []
-        if cfg.gradient_accumulation_steps != 1:
-            problems.append(
-                f"train.gradient_accumulation_steps = {cfg.gradient_accumulation_steps}: PPO updates once per minibatch "
-                "of the rollout; set it to 1 and size updates with objective.options.minibatch_size"
-            )
-        if cfg.gradient_checkpointing:
-            problems.append(
-                "train.gradient_checkpointing = true: PPO runs the policy in eval mode (no dropout, so update-time "
-                "log-probs match the rollout's), where transformers does not checkpoint; set it to false"
-            )
-        if problems:
-            raise PeftkitError("objective 'ppo' cannot use these train settings:\n" + "\n".join(f"  - {p}" for p in problems))
+        check_train_settings(cfg, "ppo")
 
     @staticmethod
     def evaluate(learner: PPOLearner, examples: Sequence[Mapping[str, Any]], batch_size: int) -> dict[str, float]:

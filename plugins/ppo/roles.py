@@ -51,7 +51,7 @@ class Roles:
 
     tuned: Any
     policy: str
-    reward: str
+    reward: str | None  # None: no reward model role (GRPO with a reward function)
     reference: str | None = None
     value_head: str = "value"
     value_shares_trunk: bool = False

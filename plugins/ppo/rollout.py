@@ -93,8 +93,9 @@ def generate_responses(
     top_k: int = 0,
     top_p: float = 1.0,
     device: Any = None,
+    do_sample: bool = True,
 ) -> list[tuple[list[int], bool]]:
-    """Sample one response per prompt from ``model``'s active adapter.
+    """Sample one response per prompt from ``model``'s active adapter (``do_sample=False``: greedy).
 
     :returns: per prompt ``(response token ids, ended)``: the ids run through
         the first stop token (kept: the reward head reads there) or to
@@ -104,10 +105,8 @@ def generate_responses(
     out = model.generate(
         input_ids=input_ids,
         attention_mask=attention_mask,
-        do_sample=True,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
+        do_sample=do_sample,
+        **({"temperature": temperature, "top_k": top_k, "top_p": top_p} if do_sample else {}),
         max_new_tokens=max_new_tokens,
         eos_token_id=list(stop_ids),
         pad_token_id=pad_id,

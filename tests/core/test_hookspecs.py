@@ -66,6 +66,25 @@ def test_peftkit_register_objectives(register_plugin):
     assert pm.objectives()["test_objective"].plugin == "objective-plugin"
 
 
+def test_peftkit_register_rewards(register_plugin):
+    class Longest:
+        name = "test_longest"
+        description = "a reward registered by a test: the completion's length"
+
+        def __call__(self, prompts, completions, records):
+            return [float(len(c)) for c in completions]
+
+    class Plugin:
+        @peftkit.hookimpl
+        def peftkit_register_rewards(self, register):
+            register(Longest())
+
+    register_plugin(Plugin(), name="reward-plugin")
+    pm = peftkit.plugin_manager()
+    assert pm.rewards()["test_longest"].plugin == "reward-plugin"
+    assert pm.get_reward("test_longest")(["p", "p"], ["ab", "abcd"], [{}, {}]) == [2.0, 4.0]
+
+
 class ScaledLinear(nn.Module):
     """A linear layer type LoRA does not know: ``y = s * (x @ W.T)``."""
 

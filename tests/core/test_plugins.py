@@ -142,3 +142,66 @@ def test_registration_without_name_fails_only_that_plugin():
     with pytest.warns(PluginLoadWarning, match="'bad'.*peftkit_register_injectors.*no string 'name'"):
         assert "lora" in pm.injectors()
     assert [(f.plugin, f.stage) for f in pm.failures()] == [("bad", "peftkit_register_injectors")]
+
+
+# ------------------------------------------------------------------ rewards
+def _reward_plugin(*rewards: object) -> object:
+    class Plugin:
+        @peftkit.hookimpl
+        def peftkit_register_rewards(self, register):
+            for reward in rewards:
+                register(reward)
+
+    return Plugin()
+
+
+class _Reward:
+    description = "a test reward"
+
+    def __init__(self, name: str, value: float = 1.0):
+        self.name, self.value = name, value
+
+    def __call__(self, prompts, completions, records):
+        return [self.value] * len(completions)
+
+
+def test_builtin_rewards_are_registered_by_the_rewards_plugin():
+    found = create_plugin_manager(autoload=False).rewards()
+    assert {"arithmetic_exact_match", "rlhf_task"} <= set(found)
+    assert all(found[n].plugin == "rewards" and found[n].package == "peftkit" for n in ("arithmetic_exact_match", "rlhf_task"))
+
+
+def test_a_faulty_reward_plugin_loses_only_its_own_rewards():
+    class NotCallable:
+        name, description = "not_callable", "a reward without __call__"
+
+    pm = create_plugin_manager(autoload=False)
+    pm.register(_reward_plugin(_Reward("fine_reward")), name="good")
+    pm.register(_reward_plugin(_Reward("dropped_reward"), NotCallable()), name="bad")
+    with pytest.warns(PluginLoadWarning, match="'bad'.*peftkit_register_rewards.*'not_callable', which is not callable"):
+        found = pm.rewards()
+    assert "fine_reward" in found and "arithmetic_exact_match" in found
+    assert "dropped_reward" not in found and "not_callable" not in found
+    failure = pm.failures()[0]
+    assert (failure.plugin, failure.stage, failure.dropped) == ("bad", "peftkit_register_rewards", ("dropped_reward",))
+    with pytest.raises(UnknownMethodError, match="reward 'dropped_reward' is unavailable: .*'bad'"):
+        pm.get_reward("dropped_reward")
+
+
+def test_duplicate_reward_names_keep_the_builtin_and_two_third_party_ones_cancel():
+    pm = create_plugin_manager(autoload=False)
+    pm.register(_reward_plugin(_Reward("rlhf_task", 0.5)), name="impostor")
+    pm.register(_reward_plugin(_Reward("shared", 1.0)), name="first")
+    pm.register(_reward_plugin(_Reward("shared", 2.0)), name="second")
+    with pytest.warns(PluginLoadWarning) as caught:
+        found = pm.rewards()
+    text = " ".join(str(w.message) for w in caught)
+    assert "reward 'rlhf_task' is registered by built-in plugin 'rewards'" in text and "'impostor'" in text
+    assert found["rlhf_task"].plugin == "rewards" and "shared" not in found
+    with pytest.raises(UnknownMethodError, match="reward 'shared' is unavailable: .*'first'.*'second'"):
+        pm.get_reward("shared")
+
+
+def test_unknown_reward_lists_the_registered_ones():
+    with pytest.raises(UnknownMethodError, match=r"unknown reward 'rlhf_tsak' \(did you mean 'rlhf_task'\?\); available rewards: .*arithmetic_exact_match"):
+        create_plugin_manager(autoload=False).get_reward("rlhf_tsak")
