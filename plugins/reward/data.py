@@ -50,7 +50,10 @@ def record_responses(record: Mapping[str, Any], index: int) -> tuple[str, list[s
 
 
 def prepare_data(records: Sequence[Mapping[str, Any]], tokenizer: Any, options: Any, max_length: int) -> list[dict[str, Any]]:
-    """Tokenize each record into ``{"sequences": [ids of prompt+response_k for k in ranks]}``.
+    """Tokenize each record into ``{"sequences": [ids of prompt+response_k for k in ranks], "response_lengths": [...]}``.
+
+    ``response_lengths[k]`` counts the last tokens of ``sequences[k]`` that are
+    the response and its end token (the ``dpo`` objective scores only those).
 
     Over-long prompts lose tokens from their start (the response and its end
     token, where the head reads, are kept); a record with a response longer
@@ -60,15 +63,16 @@ def prepare_data(records: Sequence[Mapping[str, Any]], tokenizer: Any, options: 
     for index, record in enumerate(records):
         prompt, responses = record_responses(record, index)
         prompt_ids = encode_prompt(tokenizer, prompt, chat_template=getattr(options, "chat_template", True))
-        sequences = []
+        sequences, response_lengths = [], []
         for response in responses:
             response_ids = encode_response(tokenizer, response)
             room = max_length - len(response_ids)
             if room < 1:
                 break
             sequences.append(prompt_ids[-room:] + response_ids)
+            response_lengths.append(len(response_ids))
         if len(sequences) == len(responses):
-            examples.append({"sequences": sequences})
+            examples.append({"sequences": sequences, "response_lengths": response_lengths})
     if not examples and records:
         raise PeftkitError(f"no reward example fits data.max_length = {max_length}; raise it")
     return examples
