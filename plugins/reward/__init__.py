@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from peftkit.hookspecs import hookimpl
-from peftkit_plugins.reward.head import ScalarHead, heads_of, last_token_hidden, last_token_index, sequence_scores
+from peftkit_plugins.reward.head import LinearHead, ScalarHead, heads_of, last_token_hidden, last_token_index, sequence_scores
 from peftkit_plugins.reward.loss import ranking_loss
 from peftkit_plugins.reward.objective import RewardObjective, attach_head, evaluate_ranking
 from peftkit_plugins.reward.options import RewardOptions
@@ -21,6 +21,7 @@ from peftkit_plugins.reward.saving import load_head, load_reward_model, save_hea
 
 __all__ = [
     "RewardObjective",
+    "LinearHead",
     "RewardOptions",
     "ScalarHead",
     "attach_head",

@@ -28,24 +28,35 @@ from torch import nn
 from peftkit.errors import PeftkitError
 from peftkit.training.losses import lm_hidden_states
 
-__all__ = ["ScalarHead", "heads_of", "last_token_index", "last_token_hidden", "sequence_scores"]
+__all__ = ["LinearHead", "ScalarHead", "heads_of", "last_token_index", "last_token_hidden", "sequence_scores"]
 
 
-class ScalarHead(nn.Linear):
-    """``nn.Linear(hidden_size, 1)`` with a small init: ``w ~ N(0, 1/(H+1))``, ``b = 0``.
+class LinearHead(nn.Linear):
+    """``nn.Linear(hidden_size, outputs)`` with a small init: ``w ~ N(0, 1/(H+1))``, ``b = 0``.
 
     The small init (as in OpenAI's lm-human-preferences value head) keeps the
-    first scores near zero, so the first ranking losses are near ``log 2``.
+    first outputs near zero: the first ranking losses are near ``log 2``, the
+    first label distribution of a classifier near uniform.
     """
 
-    def __init__(self, hidden_size: int, *, generator: torch.Generator | None = None):
-        super().__init__(hidden_size, 1)
+    def __init__(self, hidden_size: int, outputs: int = 1, *, generator: torch.Generator | None = None):
+        super().__init__(hidden_size, outputs)
         with torch.no_grad():
             self.weight.normal_(0.0, 1.0 / math.sqrt(hidden_size + 1), generator=generator)
             self.bias.zero_()
 
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # (..., H) -> (..., outputs)
+        return super().forward(hidden.to(self.weight.dtype))
+
+
+class ScalarHead(LinearHead):
+    """A :class:`LinearHead` with one output, squeezed: a score per sequence (reward or value)."""
+
+    def __init__(self, hidden_size: int, *, generator: torch.Generator | None = None):
+        super().__init__(hidden_size, 1, generator=generator)
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # (..., H) -> (...)
-        return super().forward(hidden.to(self.weight.dtype)).squeeze(-1)
+        return super().forward(hidden).squeeze(-1)
 
 
 def heads_of(model: nn.Module) -> nn.ModuleDict:
