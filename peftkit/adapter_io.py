@@ -62,6 +62,8 @@ def save_adapter(tuned: "TunedModel", path: str | os.PathLike, name: str | None,
         "training_state": training,
         "base_model": {"class": type(tuned.base_model).__name__, "targets": info.targets},
     }
+    if info.modules_to_save:
+        config["modules_to_save"] = list(info.modules_to_save)
     write_adapter(path, config, state)
 
 
@@ -76,7 +78,9 @@ def load_adapter(tuned: "TunedModel", path: str | os.PathLike, name: str, *, tra
             f"adapter {str(path)!r} was made with method {method!r}, which no installed plugin provides ({exc})"
         ) from None
     check_fingerprint(tuned.base_model, path, config)
-    add_adapter_with_state(tuned, name, method, config["options"], tensors, trainable=trainable, source=path)
+    add_adapter_with_state(
+        tuned, name, method, config["options"], tensors, trainable=trainable, source=path, modules_to_save=config.get("modules_to_save")
+    )
     return name
 
 
@@ -89,6 +93,7 @@ def add_adapter_with_state(
     *,
     trainable: bool,
     source: Any,
+    modules_to_save: list[str] | None = None,
 ) -> None:
     """See :meth:`TunedModel.add_adapter_with_state`."""
     where = f"adapter {str(source)!r}"
@@ -105,18 +110,20 @@ def add_adapter_with_state(
             "options are finite numbers: restore the adapter_config.json saved with these weights"
         )
     injector, opts = tuned._prepare(name, method, options, owner=f"adapter_config.json of {where}")
-    mismatched = shape_problems(_rehearsed_shapes(tuned, name, injector, opts), tensors)
+    mismatched = shape_problems(_rehearsed_shapes(tuned, name, injector, opts, modules_to_save), tensors)
     if mismatched:
         raise AdapterFormatError(
             f"{where}: the options in adapter_config.json do not match the weights in it (nothing was allocated): "
             f"{listing(mismatched)}; the config was edited or damaged: restore the one saved with these weights"
         )
     with tuned._all_or_nothing(name):
-        tuned.add_adapter(name, method, trainable=trainable, **options)
+        tuned.add_adapter(name, method, trainable=trainable, modules_to_save=modules_to_save, **options)
         _load_state(tuned, name, tensors, source)
 
 
-def _rehearsed_shapes(tuned: "TunedModel", name: str, injector: Any, opts: Any) -> dict[str, tuple[int, ...]]:
+def _rehearsed_shapes(
+    tuned: "TunedModel", name: str, injector: Any, opts: Any, modules_to_save: list[str] | None = None
+) -> dict[str, tuple[int, ...]]:
     """The shapes of the tensors injecting ``name`` would create (both forms), found without allocating them.
 
     The injection runs on fake tensors (shapes, no storage) and is undone.
@@ -126,7 +133,7 @@ def _rehearsed_shapes(tuned: "TunedModel", name: str, injector: Any, opts: Any) 
     restore = tuned._snapshot()
     try:
         with FakeTensorMode(allow_non_fake_inputs=True):
-            tuned._inject(name, injector, copy.deepcopy(opts), trainable=False)
+            tuned._inject(name, injector, copy.deepcopy(opts), trainable=False, modules_to_save=modules_to_save)
             return {
                 key: tuple(tensor.shape)
                 for training in (False, True)

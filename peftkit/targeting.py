@@ -21,7 +21,7 @@ from torch import nn
 
 from peftkit.errors import TargetError
 
-__all__ = ["TargetSpec", "find_targets", "is_linear_like", "innermost_base", "layer_index", "ALL_LINEAR"]
+__all__ = ["TargetSpec", "find_targets", "is_linear_like", "innermost_base", "layer_index", "pattern_key", "ALL_LINEAR"]
 
 ALL_LINEAR = "all-linear"
 TargetSpec = str | Sequence[str]
@@ -44,6 +44,20 @@ def is_linear_like(module: nn.Module) -> bool:
     """``nn.Linear``, GPT-2's ``Conv1D`` and quantized linears (seen through adapter wrappers)."""
     base = innermost_base(module)
     return isinstance(base, nn.Linear) or type(base).__name__ in _LINEAR_CLASS_NAMES
+
+
+def pattern_key(patterns: Iterable[str], name: str) -> str | None:
+    """The first key of ``patterns`` that names module ``name``, or ``None``.
+
+    The rule of peft's ``get_pattern_key`` (so per-module options such as LoRA's
+    ``rank_pattern`` mean the same in both libraries): a key matches when
+    ``re.match(rf"(.*\\.)?({key})$", name)`` does, i.e. it is a suffix of the
+    name at a ``.`` boundary, or a regex matching such a suffix.
+    """
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", name):
+            return key
+    return None
 
 
 _INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")

@@ -21,6 +21,7 @@ from torch import nn
 from peftkit.adapter_io import add_adapter_with_state, load_adapter, save_adapter
 from peftkit.errors import AdapterError, MergeNotSupportedError, UnknownMethodError
 from peftkit.injection import InjectionContext, replace_module
+from peftkit.modules_to_save import check_modules_to_save, inject_modules_to_save
 from peftkit.options import build_options, options_to_dict
 from peftkit.plugins import PluginManager, plugin_manager
 from peftkit.registry import is_adapter_layer
@@ -38,6 +39,7 @@ class AdapterInfo:
     options: Any
     targets: dict[str, list[int]] = field(default_factory=dict)
     trainable: bool = True
+    modules_to_save: list[str] = field(default_factory=list)
 
 
 def _normalize_path(path: str) -> str:
@@ -129,7 +131,9 @@ class TunedModel(nn.Module):
             f"method must be a method name or a method options object, got {type(method).__name__}: {method!r}"
         )
 
-    def add_adapter(self, name: str, method: Any, *, trainable: bool = True, **options: Any) -> "TunedModel":
+    def add_adapter(
+        self, name: str, method: Any, *, trainable: bool = True, modules_to_save: list[str] | None = None, **options: Any
+    ) -> "TunedModel":
         """Inject a new adapter called ``name``.
 
         All or nothing: if injection or a ``peftkit_after_inject`` hook fails,
@@ -139,13 +143,15 @@ class TunedModel(nn.Module):
         :param name: adapter name, unique in this model.
         :param method: a registered method name or a method options object.
         :param trainable: whether the adapter's parameters require grad.
+        :param modules_to_save: modules the adapter also trains as full copies, with any method
+            (``["lm_head"]``; see :mod:`peftkit.modules_to_save`): saved with it, off under ``disable_adapters()``.
         :param options: the method's options (validated; unknown ones are an error).
         :returns: ``self``. The first adapter becomes active; later ones do not.
         :raises OptionsError, UnknownMethodError, TargetError, AdapterError:
         """
         injector, opts = self._prepare(name, method, options)
         with self._all_or_nothing(name):
-            self._inject(name, injector, opts, trainable)
+            self._inject(name, injector, opts, trainable, modules_to_save)
             self.plugin_manager.call_hook("peftkit_after_inject", model=self, adapter_name=name, method=injector.name)
         return self
 
@@ -164,12 +170,14 @@ class TunedModel(nn.Module):
         values = options_to_dict(given) if given is not None else options
         return injector, build_options(injector.options, values, owner=owner or f"method {injector.name!r}")
 
-    def _inject(self, name: str, injector: Any, opts: Any, trainable: bool) -> None:
+    def _inject(self, name: str, injector: Any, opts: Any, trainable: bool, modules_to_save: list[str] | None = None) -> None:
         context = InjectionContext(self, name, injector.name, self.plugin_manager)
         injector.inject(context, opts)
         if not self._layers_of(name):
             raise AdapterError(f"method {injector.name!r} injected no adapter module for adapter {name!r} (a bug in its plugin)")
-        self._adapters[name] = AdapterInfo(injector.name, opts, dict(context.targets), trainable)
+        saved = check_modules_to_save(modules_to_save)
+        inject_modules_to_save(context, saved)
+        self._adapters[name] = AdapterInfo(injector.name, opts, dict(context.targets), trainable, saved)
         self.train(self.training)  # new modules start in training mode; match the model
         if self._active is None:
             self._active = name
@@ -397,6 +405,7 @@ class TunedModel(nn.Module):
         *,
         trainable: bool = False,
         source: Any = "<tensors>",
+        modules_to_save: list[str] | None = None,
     ) -> None:
         """Inject adapter ``name`` and fill it with saved ``tensors`` (keyed as :meth:`adapter_state_dict` gives them).
 
@@ -407,7 +416,8 @@ class TunedModel(nn.Module):
         the layer holds. All or nothing: on any failure the model is as before.
 
         :param source: what the tensors came from (the adapter directory), for error messages.
+        :param modules_to_save: modules saved in full with the adapter (see :meth:`add_adapter`).
         :raises AdapterFormatError: non-finite values; tensors missing, extra, or of the wrong shape or dtype.
         :raises OptionsError: options the method refuses (naming ``source``'s adapter_config.json).
         """
-        add_adapter_with_state(self, name, method, options, tensors, trainable=trainable, source=source)
+        add_adapter_with_state(self, name, method, options, tensors, trainable=trainable, source=source, modules_to_save=modules_to_save)

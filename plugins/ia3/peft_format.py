@@ -12,11 +12,22 @@ import torch
 from torch import nn
 
 from peftkit.errors import AdapterFormatError
-from peftkit.interop import PEFT_PREFIX
+from peftkit.interop import ANY_VALUE, PEFT_PREFIX, PeftField, one_of
 from peftkit.targeting import innermost_base
 from peftkit_plugins.ia3.options import IA3Options
 
-__all__ = ["IA3PeftFormat"]
+__all__ = ["IA3PeftFormat", "ACCEPTED_FIELDS"]
+
+#: The peft IA3 config fields import reads (any other field must be null/false/empty): the vectors' shapes say
+#: which modules are feed-forward, and the saved vectors replace whatever init_ia3_weights chose.
+ACCEPTED_FIELDS: dict[str, PeftField] = {
+    "task_type": one_of(None, "CAUSAL_LM", "FEATURE_EXTRACTION", "SEQ_CLS", "TOKEN_CLS"),
+    "target_modules": ANY_VALUE,
+    "feedforward_modules": ANY_VALUE,
+    "exclude_modules": ANY_VALUE,
+    "fan_in_fan_out": PeftField(lambda v: isinstance(v, bool), "true or false"),
+    "init_ia3_weights": PeftField(lambda v: isinstance(v, bool), "true or false"),
+}
 
 _SUFFIX = ".ia3_l"
 
@@ -29,6 +40,7 @@ def _split(tensors: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
 
 class IA3PeftFormat:
     peft_type = "IA3"
+    accepted_fields = ACCEPTED_FIELDS
 
     def to_peft(self, options: IA3Options, tensors: dict[str, torch.Tensor], model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         modules, feedforward = _split(tensors)
@@ -42,8 +54,6 @@ class IA3PeftFormat:
         return fields, {PEFT_PREFIX + k: v for k, v in tensors.items()}
 
     def from_peft(self, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        if config.get("modules_to_save"):
-            raise AdapterFormatError(f"this peft IA3 adapter sets modules_to_save={config['modules_to_save']!r}, which peftkit's ia3 does not have")
         state = {}
         for key, value in tensors.items():
             if not key.startswith(PEFT_PREFIX) or not key.endswith(_SUFFIX):

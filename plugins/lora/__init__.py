@@ -8,6 +8,11 @@ For each target layer with frozen weight ``W`` (out x in), LoRA learns
 ``B`` starts at zero, so training starts exactly at the base model; the update
 merges exactly into ``W`` (``W + (alpha / r) B A``) for inference.
 
+Options shared with peft: ``use_dora`` (DoRA: a trained magnitude per output
+feature times the row-normalised ``W + (alpha / r) B A``, Liu et al., 2024,
+https://arxiv.org/abs/2402.09353) and ``rank_pattern``/``alpha_pattern``
+(per-module ``r`` and ``alpha`` by name suffix or regex, matched as peft does).
+
 This package is an ordinary peftkit plugin: it registers the ``lora`` method
 and answers the ``peftkit_layer_wrapper`` hook for ``nn.Linear`` and
 transformers' ``Conv1D`` (with ``trylast`` so other plugins can teach LoRA more
@@ -36,7 +41,7 @@ def inject_lora(context: InjectionContext, options: LoraOptions) -> None:
     ``"all-linear"`` selects Linear-like layers only.
     """
     for name, _ in context.find_targets(options.target_modules, layers=options.layers, linear_only=False):
-        context.wrap(name, options)
+        context.wrap(name, options.for_module(name))
 
 
 class LoraInjector:

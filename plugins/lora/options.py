@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import re
+from dataclasses import dataclass, field
 from typing import Literal
+
+from peftkit.targeting import pattern_key
+
+__all__ = ["LoraOptions", "MAX_RANK", "MAX_ALPHA"]
 
 #: Largest rank and alpha: past the width of any released model's layers (16384 for Llama-3.1-405B),
 #: where a rank stops adding anything but memory, and alpha / r past any published scaling.
@@ -25,6 +31,12 @@ class LoraOptions:
         bias: only ``"none"``: the base biases stay frozen.
         use_rslora: rank-stabilized scaling ``alpha / sqrt(r)`` (Kalajdzievski, 2023).
         init: ``"default"`` (A Kaiming-uniform, B zero) or ``"gaussian"`` (A ~ N(0, 1/r), B zero).
+        use_dora: DoRA (Liu et al., 2024): a trainable magnitude per output feature rescales the
+            column-normalised ``W + scale B A`` (see :mod:`peftkit_plugins.lora.layer`).
+        rank_pattern: per-module ranks overriding ``r``: key (a module-name suffix or a regex) -> rank.
+            A key applies to a module whose name it matches at the end after a ``.`` (peft's
+            ``get_pattern_key``: ``re.match(rf"(.*\\.)?({key})$", name)``); the first matching key wins.
+        alpha_pattern: per-module alphas overriding ``alpha``, matched like ``rank_pattern``.
     """
 
     r: int = 8
@@ -35,6 +47,9 @@ class LoraOptions:
     bias: Literal["none"] = "none"
     use_rslora: bool = False
     init: Literal["default", "gaussian"] = "default"
+    use_dora: bool = False
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
 
     def validate(self) -> list[str]:
         problems = []
@@ -50,7 +65,23 @@ class LoraOptions:
             problems.append(f"option 'dropout' = {self.dropout!r} must be in [0, 1)")
         if isinstance(self.target_modules, list) and not self.target_modules:
             problems.append("option 'target_modules' = [] is empty; name at least one module or use 'all-linear'")
+        for option, pattern, low, high in (("rank_pattern", self.rank_pattern, 1, MAX_RANK), ("alpha_pattern", self.alpha_pattern, 0, MAX_ALPHA)):
+            for key, value in pattern.items():
+                try:
+                    re.compile(key)
+                except re.error as exc:
+                    problems.append(f"option '{option}' key {key!r} is not a valid regular expression ({exc}); use a module-name suffix such as 'q_proj'")
+                if not (low <= value <= high if option == "rank_pattern" else low < value <= high):
+                    bound = f"in 1..{MAX_RANK}" if option == "rank_pattern" else f"in (0, {MAX_ALPHA:g}]"
+                    problems.append(f"option '{option}' = {{{key!r}: {value!r}}}: the value must be {bound}")
         return problems
+
+    def for_module(self, name: str) -> "LoraOptions":
+        """These options with ``r`` and ``alpha`` of the module called ``name`` (``rank_pattern``/``alpha_pattern`` applied)."""
+        r_key, alpha_key = pattern_key(self.rank_pattern, name), pattern_key(self.alpha_pattern, name)
+        r = self.rank_pattern[r_key] if r_key is not None else self.r
+        alpha = self.alpha_pattern[alpha_key] if alpha_key is not None else self.alpha
+        return dataclasses.replace(self, r=r, alpha=alpha) if (r, alpha) != (self.r, self.alpha) else self
 
     @property
     def scaling(self) -> float:

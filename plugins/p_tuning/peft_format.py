@@ -14,13 +14,25 @@ import torch
 from torch import nn
 
 from peftkit.errors import AdapterFormatError
-from peftkit_plugins.prompt_tuning.peft_format import OURS, THEIRS, virtual_token_fields
+from peftkit.interop import PeftField
+from peftkit_plugins.prompt_tuning.peft_format import OURS, THEIRS, VIRTUAL_TOKEN_FIELDS, virtual_token_fields
 
-__all__ = ["PTuningPeftFormat"]
+__all__ = ["PTuningPeftFormat", "ACCEPTED_FIELDS"]
+
+#: The peft P-tuning config fields import reads (any other field must be null/false/empty). The encoder
+#: settings are kept for further training; the saved prompt is the encoder's output, used as it is.
+ACCEPTED_FIELDS: dict[str, PeftField] = {
+    **VIRTUAL_TOKEN_FIELDS,
+    "encoder_reparameterization_type": PeftField(lambda v: str(v).upper() in ("MLP", "LSTM"), "'MLP' or 'LSTM'"),
+    "encoder_hidden_size": VIRTUAL_TOKEN_FIELDS["num_layers"],
+    "encoder_num_layers": VIRTUAL_TOKEN_FIELDS["num_layers"],
+    "encoder_dropout": PeftField(lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+}
 
 
 class PTuningPeftFormat:
     peft_type = "P_TUNING"
+    accepted_fields = ACCEPTED_FIELDS
 
     def to_peft(self, options: Any, tensors: dict[str, torch.Tensor], model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         prompt = tensors[OURS]

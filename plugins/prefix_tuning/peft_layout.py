@@ -13,9 +13,20 @@ from __future__ import annotations
 
 import torch
 
+from peftkit.interop import ANY_VALUE, PeftField
 from peftkit_plugins.prefix_tuning.backbone import KVGeometry
+from peftkit_plugins.prompt_tuning.peft_format import VIRTUAL_TOKEN_FIELDS
 
-__all__ = ["to_peft_prompt_embeddings", "from_peft_prompt_embeddings"]
+__all__ = ["to_peft_prompt_embeddings", "from_peft_prompt_embeddings", "ACCEPTED_FIELDS"]
+
+#: The peft prefix-tuning config fields import reads (any other field must be null/false/empty). peft saves the
+#: projected (folded) prefixes with or without prefix_projection, so the projection settings do not matter.
+ACCEPTED_FIELDS: dict[str, PeftField] = {
+    **VIRTUAL_TOKEN_FIELDS,
+    "prefix_projection": PeftField(lambda v: isinstance(v, bool), "true or false"),
+    "encoder_hidden_size": ANY_VALUE,
+    "init_weights": ANY_VALUE,
+}
 
 
 def to_peft_prompt_embeddings(prefix: torch.Tensor) -> torch.Tensor:
@@ -49,6 +60,7 @@ class PrefixTuningPeftFormat:
     """
 
     peft_type = "PREFIX_TUNING"
+    accepted_fields = ACCEPTED_FIELDS
 
     def to_peft(self, options, tensors: dict[str, torch.Tensor], model) -> tuple[dict, dict[str, torch.Tensor]]:
         prefix = tensors["attached.prefix"]  # (L, 2, H_kv, P, D)

@@ -14,8 +14,32 @@ import torch
 from torch import nn
 
 from peftkit.errors import AdapterFormatError
+from peftkit.interop import ANY_VALUE, PeftField, one_of
 
-__all__ = ["PromptTuningPeftFormat", "virtual_token_fields"]
+__all__ = ["PromptTuningPeftFormat", "virtual_token_fields", "VIRTUAL_TOKEN_FIELDS", "ACCEPTED_FIELDS"]
+
+_INT = PeftField(lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)), "an integer")
+
+#: Fields every peft prompt-learning config has; the saved tensor's shape is what import reads.
+VIRTUAL_TOKEN_FIELDS: dict[str, PeftField] = {
+    # Other task types change what peft's forward does with the virtual tokens (classification, seq2seq).
+    "task_type": one_of("CAUSAL_LM", fix="peftkit's prompt-side methods run decoder-only causal LMs"),
+    "num_virtual_tokens": _INT,
+    "token_dim": _INT,
+    "num_transformer_submodules": one_of(1, None, fix="peftkit's prompt-side methods support decoder-only models (1)"),
+    "num_attention_heads": _INT,
+    "num_layers": _INT,
+}
+
+#: The peft prompt-tuning config fields import reads (any other field must be null/false/empty).
+ACCEPTED_FIELDS: dict[str, PeftField] = {
+    **VIRTUAL_TOKEN_FIELDS,
+    # How peft chose the starting embeddings; the saved embeddings replace them.
+    "prompt_tuning_init": ANY_VALUE,
+    "prompt_tuning_init_text": ANY_VALUE,
+    "tokenizer_name_or_path": ANY_VALUE,
+    "tokenizer_kwargs": ANY_VALUE,
+}
 
 OURS, THEIRS = "attached.prompt_embeddings", "prompt_embeddings"
 
@@ -34,6 +58,7 @@ def virtual_token_fields(prompt: torch.Tensor, model: nn.Module) -> dict[str, An
 
 class PromptTuningPeftFormat:
     peft_type = "PROMPT_TUNING"
+    accepted_fields = ACCEPTED_FIELDS
 
     def to_peft(self, options: Any, tensors: dict[str, torch.Tensor], model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         prompt = tensors[OURS]

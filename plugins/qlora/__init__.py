@@ -90,7 +90,7 @@ class QLoraInjector:
         cast_norms_and_head_to_float32(context.model)
         context.attach(InputGradients(context.model, context.adapter_name))
         for name, _ in targets:
-            context.wrap(name, options)
+            context.wrap(name, options.for_module(name))
 
 
 @hookimpl

@@ -59,11 +59,125 @@ def test_peft_lora_imports_bit_exact(model, tmp_path):
     assert original.keys() == again.keys() and all(torch.equal(original[k], again[k]) for k in original)
 
 
-def test_unsupported_peft_features_are_named(tmp_path):
-    reference = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
-    reference.save_pretrained(tmp_path / "dora")
-    with pytest.raises(AdapterFormatError, match="use_dora=True"):
-        peftkit.import_peft(tiny_llama(), tmp_path / "dora")
+def _peft_train(model, batch, steps=2):
+    """A few AdamW steps on peft's trainable parameters (so B, magnitudes and saved modules are not at their init)."""
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(**batch).loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+def greedy(model, batch):
+    with torch.no_grad():
+        return model.generate(input_ids=batch["input_ids"][:1], attention_mask=batch["attention_mask"][:1],
+                              max_new_tokens=6, do_sample=False, pad_token_id=0)
+
+
+# Config fields whose values peft's LoRA implements differently from plain LoRA on an untouched base:
+# each made by peft itself, each refused naming the field and value.
+REFUSED = {
+    "pissa": ({"init_lora_weights": "pissa"}, "init_lora_weights='pissa'.*path_initial_model_for_weight_conversion"),
+    "pissa_niter_4": ({"init_lora_weights": "pissa_niter_4"}, "init_lora_weights='pissa_niter_4'.*path_initial_model_for_weight_conversion"),
+    "olora": ({"init_lora_weights": "olora"}, "init_lora_weights='olora'.*path_initial_model_for_weight_conversion"),
+    "alora": ({"alora_invocation_tokens": [5, 6]}, r"alora_invocation_tokens=\[5, 6\].*activated LoRA"),
+    "trainable_tokens": ({"trainable_token_indices": [1, 2]}, r"trainable_token_indices=\[1, 2\]"),
+    "lora_bias": ({"lora_bias": True}, "lora_bias=True"),
+    "bias": ({"bias": "all"}, "bias='all'"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_inexact_peft_lora_is_refused_naming_the_field(case, tmp_path):
+    fields, message = REFUSED[case]
+    reference = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], **fields))
+    reference.save_pretrained(tmp_path / case)
+    model = tiny_llama()
+    with pytest.raises(AdapterFormatError, match=message):
+        peftkit.import_peft(model, tmp_path / case)
+    assert "LoraLayer" not in {type(m).__name__ for m in model.modules()}  # untouched
+
+
+def test_a_field_peftkit_does_not_know_is_refused_when_used(tmp_path):
+    """A field of a newer peft passes only with peft's "off" value (null/false/empty)."""
+    reference = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    reference.save_pretrained(tmp_path / "peft")
+    config_file = tmp_path / "peft" / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "future_feature": None, "other_future_flag": False}))
+    peftkit.import_peft(tiny_llama(), tmp_path / "peft")
+    config_file.write_text(json.dumps({**config, "future_feature": {"mode": "on"}}))
+    with pytest.raises(AdapterFormatError, match=r"future_feature=\{'mode': 'on'\} \(a peft feature peftkit's lora does not have"):
+        peftkit.import_peft(tiny_llama(), tmp_path / "peft")
+
+
+def test_pissa_converted_by_peft_imports_exactly(tmp_path):
+    """peft's own conversion (path_initial_model_for_weight_conversion) gives plain LoRA on the untouched base."""
+    batch = sample_batch()
+    reference = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights="pissa"))
+    reference.peft_config["default"].init_lora_weights = True  # peft's documented recipe for the initial copy
+    reference.save_pretrained(tmp_path / "initial")
+    reference.peft_config["default"].init_lora_weights = "pissa"
+    _peft_train(reference, batch)
+    reference.save_pretrained(tmp_path / "converted", path_initial_model_for_weight_conversion=str(tmp_path / "initial"))
+    with pytest.raises(AdapterFormatError, match="init_lora_weights='pissa'"):
+        reference.save_pretrained(tmp_path / "raw")
+        peftkit.import_peft(tiny_llama(), tmp_path / "raw")
+    tuned = peftkit.import_peft(tiny_llama(), tmp_path / "converted")
+    assert tuned.adapter_info("default").options.r == 8  # rank 2r: the difference of two rank-r updates
+    assert (logits(tuned, batch) - logits(reference, batch)).abs().max() < 1e-5
+
+
+# DoRA, per-module rank/alpha and modules_to_save: the same model in both libraries, in both directions.
+FEATURES = {
+    "dora": ({"use_dora": True}, {"use_dora": True}),
+    "patterns": (
+        {"rank_pattern": {"v_proj": 2, "c_fc": 3, r"layers\.1\.self_attn\.q_proj": 6}, "alpha_pattern": {"q_proj": 3.0, "h.1.attn.c_attn": 5.0}},
+        {"rank_pattern": {"v_proj": 2, "c_fc": 3, r"layers\.1\.self_attn\.q_proj": 6}, "alpha_pattern": {"q_proj": 3, "h.1.attn.c_attn": 5}},
+    ),
+    "modules_to_save": ({"modules_to_save": ["lm_head"]}, {"modules_to_save": ["lm_head"]}),
+    "embeddings_and_dora": ({"modules_to_save": ["embed_tokens", "wte"], "use_dora": True}, None),
+}
+TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_fc"]}
+
+
+def _ours(feature, model):
+    options = dict(FEATURES[feature][0])
+    names = options.pop("modules_to_save", None)
+    names = names and [n for n in names if n in ("lm_head", "embed_tokens" if model == "llama" else "wte")]
+    return options, names
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("feature", FEATURES)
+def test_lora_feature_export_runs_in_peft(feature, model, tmp_path):
+    factory = MODELS[model]
+    batch = sample_batch()
+    options, saved = _ours(feature, model)
+    tuned = peftkit.wrap(factory(), "lora", r=4, alpha=8, target_modules=TARGETS[model], modules_to_save=saved, **options)
+    train_steps(tuned, batch)
+    peftkit.export_peft(tuned, tmp_path / "exported")
+    reference = peft.PeftModel.from_pretrained(factory(), tmp_path / "exported").eval()
+    assert (logits(reference, batch) - logits(tuned, batch)).abs().max() < 1e-5
+    assert torch.equal(greedy(reference, batch), greedy(tuned, batch))
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("feature", [f for f in FEATURES if FEATURES[f][1] is not None])
+def test_peft_lora_feature_imports_exactly(feature, model, tmp_path):
+    factory = MODELS[model]
+    batch = sample_batch()
+    fields = FEATURES[feature][1]
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[model], fan_in_fan_out=(model == "gpt2"), **fields)
+    reference = _peft_train(peft.get_peft_model(factory(), config), batch)
+    reference.save_pretrained(tmp_path / "peft")
+    tuned = peftkit.import_peft(factory(), tmp_path / "peft")
+    assert (logits(tuned, batch) - logits(reference, batch)).abs().max() < 1e-5
+    assert torch.equal(greedy(tuned, batch), greedy(reference, batch))
+    with tuned.disable_adapters(), reference.disable_adapter():
+        assert torch.equal(logits(tuned, batch), logits(reference, batch))
 
 
 def test_unknown_peft_type(tmp_path):
