@@ -302,3 +302,48 @@ def test_trainer_runs_dpo_and_an_interrupted_run_resumes_bit_identical(tmp_path,
     want, got = load_file(str(reference.adapter_dir / "adapter.safetensors")), load_file(str(resumed.adapter_dir / "adapter.safetensors"))
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
     assert resumed.metrics == reference.metrics
+
+
+@pytest.mark.slow
+def test_two_processes_switch_adapters_under_ddp_and_end_identical(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    import yaml
+    from safetensors.torch import load_file
+
+    model_dir = tmp_path / "tiny-model"
+    tiny_llama().save_pretrained(model_dir)
+    char_tokenizer().save_pretrained(model_dir)
+    recipe = _recipe(tmp_path, "ddp", _sft_dir(tmp_path)).to_dict()
+    recipe["model"]["name_or_path"] = str(model_dir)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    script = tmp_path / "ddp.py"
+    script.write_text(textwrap.dedent(
+        """
+        import sys, torch
+        torch.set_num_threads(1)
+        from peftkit.training.recipe import load_recipe
+        from peftkit.training.trainer import Trainer
+        t = Trainer(load_recipe(sys.argv[1]), progress=False)
+        result = t.train()
+        t.tuned.save(f"{sys.argv[2]}/rank{t.accelerator.process_index}")
+        t.tuned.save(f"{sys.argv[2]}/reference{t.accelerator.process_index}", adapter_name="reference")
+        print("WORLD", t.accelerator.num_processes, "ACCURACY", result.metrics["eval_accuracy"])
+        """
+    ))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PEFTKIT_DISABLE_PLUGIN_AUTOLOAD": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(tmp_path / "recipe.yaml"), str(tmp_path / "ddp")],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "WORLD 2" in proc.stdout
+    tensors = {name: load_file(str(tmp_path / "ddp" / name / "adapter.safetensors")) for name in ("rank0", "rank1", "reference0", "reference1")}
+    assert all(torch.equal(tensors["rank0"][k], tensors["rank1"][k]) for k in tensors["rank0"])  # one policy, synchronised
+    sft = load_file(str(tmp_path / "sft-lora" / "adapter.safetensors"))
+    for name in ("reference0", "reference1"):  # the frozen reference never moved on either rank
+        assert all(torch.equal(tensors[name][k], sft[k]) for k in sft)
+    assert any(not torch.equal(tensors["rank0"][k], sft[k]) for k in sft)
