@@ -11,7 +11,9 @@ satisfy :class:`peftkit.registry.AdapterLayer`.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
+import types
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -48,6 +50,22 @@ def _normalize_path(path: str) -> str:
     return ".".join(parts)
 
 
+def _forward_with_signature_of(base_model: nn.Module) -> Callable[..., Any]:
+    """A function calling ``TunedModel.forward``, whose signature is ``base_model.forward``'s (plus ``self``)."""
+
+    def forward(self: "TunedModel", *args: Any, **kwargs: Any) -> Any:
+        return type(self).forward(self, *args, **kwargs)
+
+    try:
+        signature = inspect.signature(base_model.forward)
+    except (TypeError, ValueError):  # a forward inspect cannot read: keep (*args, **kwargs)
+        return forward
+    own = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
+    forward.__signature__ = signature.replace(parameters=[own, *signature.parameters.values()])  # type: ignore[attr-defined]
+    forward.__doc__ = TunedModel.forward.__doc__
+    return forward
+
+
 class TunedModel(nn.Module):
     """A frozen base model with named adapters.
 
@@ -70,6 +88,9 @@ class TunedModel(nn.Module):
         for p in base_model.parameters():
             p.requires_grad_(False)
         self.train(base_model.training)  # keep the mode the user's model was in
+        # transformers.Trainer keeps only the dataset columns named by ``model.forward``'s
+        # parameters: this instance's forward shows the base model's signature.
+        self.forward = types.MethodType(_forward_with_signature_of(base_model), self)
 
     # ------------------------------------------------------------ delegation
     def __getattr__(self, name: str) -> Any:
@@ -80,7 +101,15 @@ class TunedModel(nn.Module):
                 raise
             return getattr(self._modules["base_model"], name)
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, labels: Any = None, **kwargs: Any) -> Any:
+        """Run the base model with the active adapter; takes exactly the base model's arguments.
+
+        ``labels`` is named (and passed on only when given) so that
+        ``transformers.Trainer``, which looks for label arguments in the class's
+        ``forward``, finds it; ``inspect.signature(tuned.forward)`` is the base model's.
+        """
+        if labels is not None:
+            kwargs["labels"] = labels
         return self.base_model(*args, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
@@ -90,6 +119,60 @@ class TunedModel(nn.Module):
     @property
     def plugin_manager(self) -> PluginManager:
         return self._pm if self._pm is not None else plugin_manager()
+
+    # ------------------------------------------- Hugging Face conventions
+    # The names transformers, TRL and peft users reach for; each is one of the methods below under another name.
+    def get_base_model(self) -> nn.Module:
+        """The wrapped base model (``self.base_model``), as ``peft.PeftModel.get_base_model`` returns it."""
+        return self.base_model
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """``[active_adapter]`` (``[]`` without adapters): peft's list-valued name."""
+        return [] if self._active is None else [self._active]
+
+    def disable_adapter(self) -> contextlib.AbstractContextManager[None]:
+        """peft's name for :meth:`disable_adapters` (a context manager running the bare base model)."""
+        return self.disable_adapters()
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        adapter_name: str | None = None,
+        training: bool = False,
+        is_main_process: bool = True,
+    ) -> None:
+        """Write adapter ``adapter_name`` (default: the active one) into ``save_directory``, keeping its other files.
+
+        The conventional name for :meth:`save`. ``save_directory`` may already hold
+        other files (a tokenizer, ``transformers.Trainer`` checkpoints): they stay, and
+        ``adapter_config.json`` + ``adapter.safetensors`` are written beside them.
+        A missing directory, or one holding only an adapter, is replaced atomically as
+        :meth:`save` does; in a shared directory the two files are replaced one after
+        the other (a crash in between leaves a checksum mismatch that loading reports).
+
+        :param training: also keep training-only tensors (a resumable checkpoint).
+        :param is_main_process: ``False`` writes nothing (the other ranks of a distributed run).
+        """
+        if is_main_process:
+            from peftkit._hf_compat import save_beside_other_files
+
+            save_beside_other_files(lambda path: self.save(path, adapter_name=adapter_name, training=training), save_directory)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        path: str | os.PathLike,
+        *,
+        adapter_name: str | None = None,
+        is_trainable: bool = False,
+    ) -> "TunedModel":
+        """Load the adapter directory ``path`` onto ``model``: the conventional name for :func:`peftkit.load`."""
+        from peftkit.api import load
+
+        return load(model, path, adapter_name=adapter_name, is_trainable=is_trainable)
 
     # ------------------------------------------------------------- adapters
     @property

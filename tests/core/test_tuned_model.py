@@ -153,3 +153,52 @@ def test_merge_is_all_or_nothing(monkeypatch):
     assert tuned.merged_adapters == []
     assert torch.allclose(logits(tuned, batch), expected, atol=1e-6)
     assert all(not layer._merged for layer in layers)
+
+
+# ------------------------------------------------------------------ Hugging Face conventions
+def test_forward_shows_the_base_signature_and_labels():
+    import inspect
+
+    from transformers.utils.generic import find_labels
+
+    model = tiny_llama()
+    tuned = peftkit.wrap(model, "lora", r=2)
+    assert inspect.signature(tuned.forward) == inspect.signature(model.forward)
+    assert find_labels(type(tuned)) == ["labels"], "transformers.Trainer finds label arguments on the class"
+    batch = sample_batch()
+    direct = tuned.base_model(**batch)
+    for got in (tuned(**batch), tuned(batch["input_ids"], labels=batch["labels"], attention_mask=batch["attention_mask"])):
+        assert torch.equal(got.logits, direct.logits) and torch.equal(got.loss, direct.loss)
+    copied = __import__("copy").deepcopy(tuned)
+    assert copied.forward.__self__ is copied, "a copy calls its own modules"
+
+
+def test_peft_style_names():
+    tuned = peftkit.wrap(tiny_llama(), "lora", r=2)
+    train_steps(tuned, sample_batch())
+    assert tuned.get_base_model() is tuned.base_model
+    assert tuned.active_adapters == ["default"]
+    with tuned.disable_adapter():
+        bare = logits(tuned, sample_batch())
+    with tuned.disable_adapters():
+        assert torch.equal(logits(tuned, sample_batch()), bare)
+    assert not torch.equal(logits(tuned, sample_batch()), bare)
+
+
+def test_save_pretrained_keeps_other_files_and_from_pretrained_loads(tmp_path):
+    tuned = peftkit.wrap(tiny_llama(), "lora", r=2)
+    train_steps(tuned, sample_batch())
+    tuned.eval()
+    fresh = tmp_path / "fresh"
+    tuned.save_pretrained(fresh)  # a new directory: the atomic save
+    shared = tmp_path / "shared"
+    (shared / "checkpoint-1").mkdir(parents=True)
+    (shared / "tokenizer.json").write_text("{}")
+    tuned.save_pretrained(shared)
+    tuned.save_pretrained(shared)  # again: replaces the adapter files only
+    assert sorted(p.name for p in shared.iterdir()) == ["adapter.safetensors", "adapter_config.json", "checkpoint-1", "tokenizer.json"]
+    for directory in (fresh, shared):
+        again = peftkit.TunedModel.from_pretrained(tiny_llama(), directory)
+        assert torch.equal(logits(again, sample_batch()), logits(tuned, sample_batch()))
+    tuned.save_pretrained(tmp_path / "other-rank", is_main_process=False)
+    assert not (tmp_path / "other-rank").exists()
