@@ -396,3 +396,81 @@ def test_trainer_starts_grpo_from_an_sft_adapter_with_a_zero_first_kl(register_p
     assert steps[0]["kl"] == 0.0 and steps[1]["kl"] > 0
     config = json.loads((result.adapter_dir / "adapter_config.json").read_text())
     assert config["method"] == "lora"
+
+
+_DDP_SCRIPT = '''
+import sys, torch
+torch.set_num_threads(1)
+import peftkit
+from peftkit.training.recipe import load_recipe
+from peftkit.training.trainer import Trainer
+
+
+class Length:
+    name, description = "test_length", "completion length"
+
+    def __call__(self, prompts, completions, records):
+        return [float(len(c)) for c in completions]
+
+
+class Plugin:
+    @peftkit.hookimpl
+    def peftkit_register_rewards(self, register):
+        register(Length())
+
+
+peftkit.plugin_manager().register(Plugin(), name="test-rewards")
+t = Trainer(load_recipe(sys.argv[1], [f"output.dir={sys.argv[2]}"]), progress=False)
+prompts = []
+from peftkit_plugins.grpo import learner as learner_module
+original = learner_module.GRPOLearner.step
+def step(self, prompt_ids, texts, records):
+    prompts.extend(texts)
+    return original(self, prompt_ids, texts, records)
+learner_module.GRPOLearner.step = step
+t.train()
+rank = t.accelerator.process_index
+t.tuned.save(f"{sys.argv[2]}/rank{rank}", adapter_name="default")
+print("WORLD", t.accelerator.num_processes, "RANK", rank, "PROMPTS", "|".join(prompts))
+'''
+
+
+@pytest.mark.slow
+def test_two_processes_keep_groups_on_their_rank_and_end_with_identical_adapters(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+    from safetensors.torch import load_file
+
+    model_dir = tmp_path / "tiny-model"
+    tiny_llama().save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    train, evals = _data(tmp_path)
+    recipe = {
+        "model": {"name_or_path": str(model_dir)},
+        "method": {"name": "lora", "options": {"r": 4, "target_modules": ["q_proj", "v_proj"]}},
+        "objective": {"name": "grpo", "options": {"reward": "test_length", "num_generations": 3, "max_new_tokens": 4, "kl_coef": 0.1}},
+        "data": {"train": train, "eval": evals, "max_length": 48},
+        "train": {"max_steps": 3, "batch_size": 2, "lr": 1e-2},
+        "output": {"log_every": 1, "save_every": 2, "plot": False},
+    }
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    (tmp_path / "ddp.py").write_text(_DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PEFTKIT_DISABLE_PLUGIN_AUTOLOAD": "1", "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "ddp"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(tmp_path / "ddp.py"), str(tmp_path / "recipe.yaml"), str(out)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("WORLD 2"))
+    assert len(lines) == 2
+    per_rank = [set(line.split("PROMPTS ", 1)[1].split("|")) for line in lines]
+    assert per_rank[0] and per_rank[1] and not per_rank[0] & per_rank[1]  # each rank samples (and groups) its own prompts
+    a, b = load_file(str(out / "rank0" / "adapter.safetensors")), load_file(str(out / "rank1" / "adapter.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # gradients averaged: one policy
+    assert any(k.endswith("lora_B") or "lora_B" in k for k in a) and any(a[k].abs().sum() > 0 for k in a if "lora_B" in k)
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in steps if "policy_loss" in r] == [1, 2, 3] and "eval_reward" in steps[-1]
