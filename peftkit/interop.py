@@ -134,6 +134,11 @@ class PeftFormat(Protocol):
         accepted_fields: the allow-list of config fields :func:`import_peft` lets through to
             :meth:`from_peft` (see :func:`check_peft_fields`): field -> the :class:`PeftField`
             values this method reproduces exactly. Anything else is refused before ``from_peft`` runs.
+        exports_only: (optional, default ``False``) ``True`` for a method that exports under another
+            method's ``peft_type`` (qlora writes ``LORA``), so :func:`import_peft` never picks it.
+
+    Optional method: ``model_card(options) -> str``, the text of a ``README.md`` written beside the
+    adapter (peft records there what its config has no field for, e.g. a 4-bit base's quantization).
     """
 
     peft_type: str
@@ -161,7 +166,18 @@ def _format_of(method: str) -> PeftFormat:
     injector = plugin_manager().get_injector(method)
     fmt = getattr(injector, "peft_format", None)
     if fmt is None:
-        raise AdapterError(f"method {method!r} has no Hugging Face peft equivalent to export to")
+        if getattr(injector, "supports_merge", False):
+            portable = (
+                "the portable path is merging it into the base model: `peftkit merge ADAPTER_DIR --out DIR` writes a "
+                "transformers model directory that loads without peftkit or peft"
+            )
+        else:
+            reason = getattr(injector, "merge_refusal", "") or "it has no weights to fold into the base model"
+            portable = (
+                f"it cannot be merged either ({reason}), so share the peftkit adapter directory "
+                "(peftkit.load runs it on the same base model)"
+            )
+        raise AdapterError(f"method {method!r} has no Hugging Face peft equivalent to export to; {portable}")
     return fmt
 
 
@@ -191,6 +207,9 @@ def export_peft(tuned: TunedModel, path: str | os.PathLike, *, adapter_name: str
     with atomic_directory(path) as tmp:
         (tmp / PEFT_CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         save_file(_contiguous_cpu(tensors), str(tmp / PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
+        model_card = getattr(fmt, "model_card", None)
+        if model_card is not None:
+            (tmp / "README.md").write_text(model_card(info.options))
     return Path(path)
 
 
@@ -219,7 +238,7 @@ def import_peft(
     converters = {}
     for reg in plugin_manager().injectors().values():
         fmt = getattr(reg.obj, "peft_format", None)
-        if fmt is not None:
+        if fmt is not None and not getattr(fmt, "exports_only", False):
             converters[fmt.peft_type] = reg.name
     if not isinstance(peft_type, str) or peft_type not in converters:
         raise UnknownMethodError(

@@ -43,6 +43,7 @@ from peftkit_plugins.qlora.layer import Lora4bitLayer
 from peftkit_plugins.qlora.loading import bnb_config, model_load_kwargs
 from peftkit_plugins.qlora.optimizer import make_optimizer
 from peftkit_plugins.qlora.options import QLoraOptions
+from peftkit_plugins.qlora.peft_format import QLoraPeftFormat
 from peftkit_plugins.qlora.quantize import check_quantizable, dequantize_to_linear, quantize_layer, quantize_model
 
 __all__ = [
@@ -67,6 +68,7 @@ class QLoraInjector:
     options = QLoraOptions
     supports_merge = True
     recommended_lr = 1e-3  # train.lr: auto; as LoRA: the same low-rank updates, on a 4-bit base
+    peft_format = QLoraPeftFormat()  # export only: a peft LoRA adapter for the 4-bit base
 
     def inject(self, context: InjectionContext, options: QLoraOptions) -> None:
         import torch

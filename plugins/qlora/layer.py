@@ -5,6 +5,9 @@ Forward is LoRA's (Hu et al., 2021, https://arxiv.org/abs/2106.09685) on a
 
     h = dequant(W_4bit) x + (alpha / r) * B A dropout(x)
 
+DoRA (``use_dora``) works as on a full-precision base, with ``W = dequant(W_4bit)``:
+its row norms are cached, and ``W A^T`` dequantizes the weight once per forward (as peft does).
+
 ``A`` and ``B`` stay in float32 whatever the compute dtype, as in the paper's
 mixed-precision setup for adapters.
 
@@ -50,6 +53,15 @@ class Lora4bitLayer(LoraLayer):
         # layers no adapter wraps.
         self._set_aside: list[nn.Module] = []
 
+    def dense_base_weight(self) -> torch.Tensor:
+        """``dequant(W_4bit)`` (out x in) for DoRA's norm (computed afresh, as peft does); the dense weight while merged."""
+        inner = self._innermost()
+        if not is_linear4bit(inner):
+            return super().dense_base_weight()
+        import bitsandbytes as bnb
+
+        return bnb.functional.dequantize_4bit(inner.weight.data, inner.weight.quant_state)
+
     def _innermost_holder(self) -> nn.Module:
         """The wrapper whose ``base_layer`` is the innermost (4-bit or, while merged, dense) layer."""
         holder: nn.Module = self
@@ -65,9 +77,7 @@ class Lora4bitLayer(LoraLayer):
             self._set_aside.append(holder.base_layer)
             holder.base_layer = dequantize_to_linear(holder.base_layer)
         # else: another adapter's merge already made it full precision
-        weight = holder.base_layer.weight
-        with torch.no_grad():
-            weight.add_(self.delta_weight(name).to(weight.dtype))
+        self.merge_into(holder.base_layer.weight, name)
         self._merged.add(name)
 
     def unmerge(self, name: str) -> None:
@@ -77,10 +87,9 @@ class Lora4bitLayer(LoraLayer):
         self._merged.discard(name)
         if not self._merged and self._set_aside:
             holder.base_layer = self._set_aside.pop()  # the original 4-bit layer, untouched
+            self._merge_norms.pop(name, None)
             return
-        weight = holder.base_layer.weight
-        with torch.no_grad():
-            weight.sub_(self.delta_weight(name).to(weight.dtype))
+        self.unmerge_from(holder.base_layer.weight, name)
 
     def delete_adapter(self, name: str) -> None:
         # merge_and_unload deletes merged adapters and keeps the merged

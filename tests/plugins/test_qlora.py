@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import warnings
 
 import pytest
@@ -419,6 +420,57 @@ def test_matches_peft_reference_on_the_same_4bit_model(model, tmp_path):
     prompt = batch["input_ids"][:, :4]
     gen = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert torch.equal(ours.generate(input_ids=prompt, **gen), reference.generate(input_ids=prompt, **gen))
+
+
+# ------------------------------------------------------ DoRA, peft export
+def test_dora_on_a_4bit_base_trains_merges_and_unmerges():
+    tuned = peftkit.wrap(quantized(tiny_llama), "qlora", r=4, target_modules=["q_proj", "v_proj"], use_dora=True)
+    batch = sample_batch()
+    before = logits(tuned, batch)
+    with tuned.disable_adapters():
+        assert torch.equal(logits(tuned, batch), before)  # the magnitude starts at the row norms: the base exactly
+    magnitudes = {n: p.detach().clone() for n, p in tuned.named_trainable_parameters() if "lora_magnitude" in n}
+    assert len(magnitudes) == 4
+    train_steps(tuned, batch)
+    assert all(not torch.equal(p, magnitudes[n]) for n, p in tuned.named_trainable_parameters() if n in magnitudes)
+    unmerged = logits(tuned, batch)
+    layers = linear4bit_layers(tuned)
+    tuned.merge()
+    assert (logits(tuned, batch) - unmerged).abs().max() < 1e-4
+    tuned.unmerge()
+    assert linear4bit_layers(tuned).keys() == layers.keys() and all(linear4bit_layers(tuned)[k] is v for k, v in layers.items())
+    assert torch.equal(logits(tuned, batch), unmerged)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_export_is_a_peft_lora_adapter_for_the_4bit_base(use_dora, tmp_path):
+    """peft loads the export on the same 4-bit base (logits within 1e-3 as above, same greedy tokens); lora imports it back."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    from peftkit_plugins.qlora.peft_format import QUANTIZATION_PREFIX
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+    kwargs = peftkit.plugin_manager().hook.peftkit_model_load_kwargs(method="qlora", options=QLoraOptions())[0]
+    load_4bit = lambda: AutoModelForCausalLM.from_pretrained(tmp_path / "base", **kwargs)  # noqa: E731
+    batch = sample_batch()
+    ours = peftkit.wrap(load_4bit(), "qlora", r=4, alpha=8, use_dora=use_dora)
+    train_steps(ours, batch)
+    peftkit.export_peft(ours, tmp_path / "peft")
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["use_dora"] is use_dora and config["fan_in_fan_out"] is False
+    card = (tmp_path / "peft" / "README.md").read_text()
+    assert QUANTIZATION_PREFIX in card and "- bnb_4bit_quant_type: nf4" in card and "- load_in_4bit: True" in card
+    base = load_4bit()
+    keep_trainable_layout(base)
+    reference = peft.PeftModel.from_pretrained(base, tmp_path / "peft").eval()
+    assert (logits(reference, batch) - logits(ours, batch)).abs().max() < 1e-3
+    prompt = batch["input_ids"][:, :4]
+    gen = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(reference.generate(input_ids=prompt, **gen), ours.generate(input_ids=prompt, **gen))
+    back = peftkit.import_peft(load_4bit(), tmp_path / "peft")
+    assert back.adapters == {"default": "lora"} and back.adapter_info("default").options.use_dora is use_dora
+    assert (logits(back, batch) - logits(ours, batch)).abs().max() < 1e-5
 
 
 # -------------------------------------------------------------- options
