@@ -55,8 +55,10 @@ class GRPOOptions:
 
     Sampling:
         num_generations: G, completions sampled per prompt (a group; >= 2, or every advantage is 0).
-        max_new_tokens, temperature, top_k (0: off), top_p, stop_tokens: as in ``ppo``; the
-            log-probabilities are those of the same tempered distribution.
+        max_new_tokens: completion length limit (<= MAX_TOKENS).
+        temperature, top_p: sampling; the log-probabilities are those of the same tempered distribution.
+        top_k: sample among the k likeliest tokens only; 0 is off.
+        stop_tokens: extra single tokens that end a completion (the tokenizer's EOS always does).
 
     Advantages and loss:
         scale_rewards: divide ``r - mean_group`` by ``std_group + std_eps`` (the paper's GRPO);
