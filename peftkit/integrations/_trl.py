@@ -4,7 +4,7 @@ TRL's trainers call ``trl.trainer.add_fused_lm_head(model)`` on any model that i
 not a ``peft.PeftModel`` (trl/trainer/sft_trainer.py:1144, dpo_trainer.py:960,
 grpo_trainer.py:1068). The head replaces ``model.forward`` and, when called with
 ``fused_lm_head=True``, runs ``model.base_model`` expecting the decoder's
-``last_hidden_state`` (trl/trainer/utils.py:1614-1618): on a transformers model
+``last_hidden_state`` (trl/trainer/utils.py:1593, 1616-1618): on a transformers model
 ``base_model`` is the decoder, on a ``TunedModel`` it is the whole causal LM,
 hence ``'CausalLMOutputWithPast' object has no attribute 'last_hidden_state'``.
 TRL's own documentation says to add the head before wrapping; this does that
@@ -19,6 +19,8 @@ import inspect
 import types
 from typing import Any
 
+from peftkit.errors import AdapterError
+from peftkit.registry import is_adapter_layer
 from peftkit.tuned_model import TunedModel
 
 __all__ = ["move_fused_lm_head_inside"]
@@ -29,12 +31,20 @@ def move_fused_lm_head_inside(tuned: TunedModel, own_forward: Any) -> bool:
 
     :param own_forward: ``tuned``'s instance ``forward`` before the trainer was built.
     :returns: whether a head was moved.
+    :raises AdapterError: if an adapter sits on the output head, which the fused head would skip.
     """
     patched = vars(tuned).get("forward")
     function = getattr(patched, "__func__", None)
     # add_fused_lm_head wraps with functools.wraps(type(model).forward)
     if patched is own_forward or getattr(function, "__wrapped__", None) is not type(tuned).forward:
         return False
+    head = tuned.get_output_embeddings()
+    if is_adapter_layer(head):
+        raise AdapterError(
+            f"TRL's fused LM head projects with the output head's weight directly (trl/trainer/utils.py:1633), so the "
+            f"adapter on it ({type(head).__name__}) would be skipped; remove the output head (e.g. 'lm_head') from "
+            "target_modules for TRL training"
+        )
     from trl.trainer import add_fused_lm_head
 
     settings = inspect.getclosurevars(function).nonlocals  # exactly what the trainer asked for

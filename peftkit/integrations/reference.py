@@ -3,7 +3,7 @@
 Preference and RL trainers compare the policy with a frozen reference. With a
 ``peft.PeftModel`` TRL gets it by disabling the adapter (trl/trainer/dpo_trainer.py:909
 and :1328); for any other model it loads a second copy of the base from
-``config.name_or_path`` (dpo_trainer.py:911-922). ``ReferenceModel(tuned)``
+``config.name_or_path`` (dpo_trainer.py:926-927, grpo_trainer.py:1003). ``ReferenceModel(tuned)``
 is the peftkit equivalent to pass as ``ref_model=``: it runs the same modules as
 ``tuned`` inside :meth:`TunedModel.disable_adapters` (or with a frozen reference
 adapter active), so it costs no memory.
