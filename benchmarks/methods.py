@@ -8,6 +8,9 @@ and the saved adapter's size on disk. Ratios are peftkit / peft.
 
     python benchmarks/methods.py                  # Llama-shaped ~20M model, batch 4 x 128, 2 threads
     python benchmarks/methods.py --only lora ia3 --steps 3
+    python benchmarks/methods.py --only lora lora+dora    # DoRA's overhead over LoRA, in both libraries
+
+A row named ``METHOD+VARIANT`` runs METHOD with extra options (``lora+dora``: ``use_dora``).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ VIRTUAL = 20
 # peftkit method -> (peftkit options, peft config builder name). "adapter" has no peft counterpart.
 METHODS: dict[str, dict] = {
     "lora": {"r": 8, "alpha": 16, "target_modules": "all-linear"},
+    "lora+dora": {"r": 8, "alpha": 16, "target_modules": "all-linear", "use_dora": True},
     "qlora": {"r": 8, "alpha": 16, "target_modules": "all-linear"},
     "ia3": {},
     "adapter": {"bottleneck_size": 64},
@@ -41,8 +45,8 @@ METHODS: dict[str, dict] = {
 def _peft_config(method: str):
     import peft
 
-    if method in ("lora", "qlora"):
-        return peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0)
+    if method in ("lora", "qlora", "lora+dora"):
+        return peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0, use_dora=method == "lora+dora")
     if method == "ia3":
         return peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
     if method == "prompt_tuning":
@@ -92,7 +96,7 @@ def child(method: str, impl: str, args: argparse.Namespace) -> dict:
     if impl == "peftkit":
         import peftkit
 
-        tuned = peftkit.wrap(model, method, **options)
+        tuned = peftkit.wrap(model, method.split("+")[0], **options)
     else:
         import peft
 
