@@ -226,3 +226,19 @@ def test_round_trips_through_peft(method, model, tmp_path):
     reference.save_pretrained(tmp_path / "peft")
     back = peftkit.import_peft(factory(), tmp_path / "peft")
     assert torch.equal(logits(back, batch), logits(tuned, batch))
+
+
+@pytest.mark.parametrize("method", ["ia3", "prompt_tuning"])
+def test_modules_to_save_round_trip_with_other_methods(method, tmp_path):
+    """peft keeps the copies under its tuner (base_model.model.) for weight-side methods, under base_model. for prompt ones."""
+    options, virtual = ROUND_TRIPS[method]
+    batch = sample_batch()
+    tuned = peftkit.wrap(tiny_llama(), method, modules_to_save=["lm_head"], **options)
+    train_steps(tuned, batch)
+    peftkit.export_peft(tuned, tmp_path / "exported")
+    reference = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "exported").eval()
+    assert (logits(reference, batch)[:, virtual:] - logits(tuned, batch)).abs().max() < 1e-5
+    reference.save_pretrained(tmp_path / "peft")
+    back = peftkit.import_peft(tiny_llama(), tmp_path / "peft")
+    assert back.adapter_info("default").modules_to_save == ["lm_head"]
+    assert torch.equal(logits(back, batch), logits(tuned, batch))
