@@ -13,17 +13,23 @@ from peftkit.tuned_model import TunedModel
 __all__ = ["wrap", "load", "available_methods"]
 
 
-def wrap(model: nn.Module, method: Any, *, adapter_name: str = "default", **options: Any) -> TunedModel:
+def wrap(
+    model: nn.Module, method: Any, *, adapter_name: str = "default", modules_to_save: list[str] | None = None, **options: Any
+) -> TunedModel:
     """Freeze ``model`` and inject one adapter of ``method`` into it.
 
     :param model: a ``transformers`` model or any ``torch.nn.Module``.
     :param method: a registered method name (``"lora"``) or its options object.
     :param adapter_name: name of the new adapter.
+    :param modules_to_save: modules the adapter also trains as full copies, with any method
+        (``["lm_head"]``, ``["score"]``; see :mod:`peftkit.modules_to_save`).
     :param options: the method's options; unknown ones raise ``OptionsError``
         listing the valid ones.
-    :returns: a :class:`TunedModel` whose only trainable parameters are the adapter's.
+    :returns: a :class:`TunedModel` whose only trainable parameters are the adapter's (and the saved modules' copies).
+    :raises TargetError: naming ``modules_to_save`` for a name that matches no module.
     """
-    return attach_adapter(model, lambda tuned: tuned.add_adapter(adapter_name, method, **options), is_trainable=True)
+    add = lambda tuned: tuned.add_adapter(adapter_name, method, modules_to_save=modules_to_save, **options)  # noqa: E731
+    return attach_adapter(model, add, is_trainable=True)
 
 
 def load(
