@@ -101,7 +101,9 @@ def test_adapter_trainer_saves_adapters_in_checkpoints_and_save_model(tmp_path):
     assert torch.equal(logits(from_checkpoint), logits(tuned))
 
 
-@pytest.mark.parametrize("method, options", [("lora", {"r": 4}), ("prefix_tuning", {"num_virtual_tokens": 4})])
+@pytest.mark.parametrize(
+    "method, options", [("lora", {"r": 4}), pytest.param("prefix_tuning", {"num_virtual_tokens": 4}, marks=pytest.mark.slow)]
+)
 def test_adapter_trainer_resume_restores_the_adapter(tmp_path, method, options):
     def run(resume=None):
         tuned = peftkit.wrap(tiny_llama(), method, **options)
