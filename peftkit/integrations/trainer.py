@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from peftkit._hf_compat import holds_adapter, reload_adapter_in_place
 from peftkit.errors import AdapterError
 from peftkit.integrations._trl import move_fused_lm_head_inside
+from peftkit.integrations.reference import ReferenceModel
 from peftkit.tuned_model import TunedModel
 
 __all__ = ["AdapterTrainerMixin", "AdapterTrainer"]
@@ -34,6 +36,9 @@ class AdapterTrainerMixin:
       decoder as ``model.base_model`` (the transformers convention, where
       ``TunedModel.base_model`` is the whole transformers model); the mixin puts the
       same head, with the same settings, on the transformers model inside instead.
+    * A trainer taking a ``ref_model`` (TRL's ``DPOTrainer``) given none gets
+      :class:`~peftkit.integrations.ReferenceModel` ``(model)``: the same model with its
+      adapters disabled, as TRL does for ``peft`` models, instead of a second copy.
 
     Put the mixin first: ``class MyTrainer(AdapterTrainerMixin, transformers.Trainer)``.
     Not covered: DeepSpeed / FSDP sharded saving, ``push_to_hub``.
@@ -47,6 +52,7 @@ class AdapterTrainerMixin:
                 f"got {type(model).__name__}; use the plain trainer class for other models"
             )
         own_forward = vars(model).get("forward")
+        args, kwargs = _reference_by_default(super().__init__, model, args, kwargs)  # type: ignore[misc]
         super().__init__(*args, **kwargs)  # type: ignore[call-arg]
         move_fused_lm_head_inside(model, own_forward)
 
@@ -78,6 +84,25 @@ class AdapterTrainerMixin:
         if best is None or not holds_adapter(best):
             return super()._load_best_model()  # type: ignore[misc]
         reload_adapter_in_place(self.tuned_model, Path(best))
+
+
+def _reference_by_default(init: Any, model: TunedModel, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict]:
+    """``ref_model=None`` (given or left out) of a trainer that takes one becomes ``ReferenceModel(model)``.
+
+    TRL reads ``ref_model=None`` with a ``peft`` model as "the model with its adapters
+    disabled"; for other models it loads a second copy of the base from
+    ``config.name_or_path`` (trl/trainer/dpo_trainer.py:909-927).
+    """
+    names = [name for name in inspect.signature(init).parameters if name not in ("self", "args", "kwargs")]
+    if "ref_model" not in names:
+        return args, kwargs
+    index = names.index("ref_model")
+    if index < len(args):
+        if args[index] is None:
+            args = (*args[:index], ReferenceModel(model), *args[index + 1 :])
+    elif kwargs.get("ref_model") is None:
+        kwargs = {**kwargs, "ref_model": ReferenceModel(model)}
+    return args, kwargs
 
 
 class AdapterTrainer(AdapterTrainerMixin, transformers.Trainer):

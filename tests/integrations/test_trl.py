@@ -132,8 +132,9 @@ def test_dpo_trains_against_the_disabled_adapters(tmp_path, method, precompute):
     tuned = peftkit.wrap(tiny_llama(), method, **METHODS[method])
     before = snapshot(tuned)
     args = trl.DPOConfig(**common(tmp_path), precompute_ref_log_probs=precompute)
-    trainer = DPOTrainer(model=tuned, ref_model=ReferenceModel(tuned), args=args, train_dataset=preferences(),
-                         processing_class=tiny_tokenizer())
+    # Given, or by default (ref_model=None): the same model with its adapters disabled.
+    reference = {"ref_model": ReferenceModel(tuned)} if precompute else {}
+    trainer = DPOTrainer(model=tuned, args=args, train_dataset=preferences(), processing_class=tiny_tokenizer(), **reference)
     trainer.train()
     first = trainer.state.log_history[0]
     if method == "lora":  # a fresh LoRA adapter is the base: policy == reference at step 1
@@ -183,3 +184,12 @@ def test_an_adapter_on_the_output_head_is_refused(tmp_path):
     with pytest.raises(peftkit.AdapterError, match=r"fused LM head .* remove the output head \(e.g. 'lm_head'\)"):
         SFTTrainer(model=tuned, args=trl.SFTConfig(**common(tmp_path)), train_dataset=conversations(),
                    processing_class=tiny_tokenizer())
+
+
+def test_dpo_reference_defaults_to_the_disabled_adapters(tmp_path):
+    tuned = peftkit.wrap(tiny_llama(), "lora", r=2)
+    for given in ({}, {"ref_model": None}):
+        trainer = DPOTrainer(tuned, args=trl.DPOConfig(**common(tmp_path)), train_dataset=preferences(2),
+                             processing_class=tiny_tokenizer(), **given)
+        reference = trainer.accelerator.unwrap_model(trainer.ref_model)
+        assert isinstance(reference, ReferenceModel) and reference.tuned is tuned and reference.adapter_name is None
