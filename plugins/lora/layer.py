@@ -63,6 +63,7 @@ class LoraLayer(nn.Module):
         self.lora_magnitude = nn.ParameterDict()  # DoRA adapters only: (out,)
         self._row_norms_sq: tuple[tuple[Any, ...], torch.Tensor] | None = None  # (key, ||W||^2 per row)
         self._merge_norms: dict[str, torch.Tensor] = {}  # DoRA: the norm n used by merge, for unmerge
+        self._norms: dict[str, tuple[tuple[Any, ...], torch.Tensor]] = {}  # DoRA: n, until A, B or W change
         self.scaling: dict[str, float] = {}
         self.dropout: dict[str, float] = {}
         self._active: list[str] = []
@@ -128,6 +129,7 @@ class LoraLayer(nn.Module):
         if name in self.lora_magnitude:
             del self.lora_magnitude[name]
         self._merge_norms.pop(name, None)
+        self._norms.pop(name, None)
         self.scaling.pop(name)
         self.dropout.pop(name)
         self._merged.discard(name)
@@ -195,7 +197,22 @@ class LoraLayer(nn.Module):
         return norms_sq
 
     def dora_norm(self, name: str) -> torch.Tensor:
-        """``n = ||W + scale B A||`` per output row, float32, without grad and without an ``out x in`` temporary."""
+        """``n = ||W + scale B A||`` per output row, float32, without grad and without an ``out x in`` temporary.
+
+        Kept until ``A``, ``B`` or the base weight change (their in-place version counters): generation and
+        activation checkpointing's second forward reuse it; each optimizer step computes it once.
+        """
+        a_param, b_param, weight = self.lora_A[name], self.lora_B[name], self._base_weight()
+        key = tuple((id(t), t._version, t.device, t.dtype) for t in (a_param, b_param, weight)) + (self.scaling[name],)
+        cached = self._norms.get(name)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        norm = self._compute_dora_norm(name)
+        if type(norm).__name__ != "FakeTensor":
+            self._norms[name] = (key, norm)
+        return norm
+
+    def _compute_dora_norm(self, name: str) -> torch.Tensor:
         with torch.no_grad():
             a = self.lora_A[name].detach().float()  # (r, in)
             b = self.lora_B[name].detach().float()  # (out, r)
