@@ -1,5 +1,6 @@
 """The ``peftkit`` command line: one module per command group (:mod:`.plugins`: ``methods``/``plugins``;
-:mod:`.training`: ``train``/``validate``/``recipes``/``generate``), plus what plugins add."""
+:mod:`.training`: ``train``/``validate``/``recipes``/``generate``; :mod:`.adapters`: ``export``/``import``/``merge``),
+plus what plugins add."""
 
 from __future__ import annotations
 
@@ -17,12 +18,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peftkit", description="Parameter-efficient fine-tuning with pluggable methods.")
     parser.add_argument("--version", action="version", version=f"peftkit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    from peftkit.cli import adapters as adapter_commands
     from peftkit.cli import plugins as plugin_commands
     from peftkit.cli import training as training_commands
     from peftkit.cli import tune_lr as tune_lr_command
 
     plugin_commands.add_subcommands(sub)
     training_commands.add_subcommands(sub)
+    adapter_commands.add_subcommands(sub)
     tune_lr_command.add_subcommands(sub)
     _add_plugin_commands(sub)
     return parser
