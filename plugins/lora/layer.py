@@ -256,8 +256,8 @@ class LoraLayer(nn.Module):
         else:
             base = out.to(a.dtype) if bias is None else (out - bias).to(a.dtype)
         scale = self.lora_magnitude[name] / self.dora_norm(name).to(a.dtype)  # (out,); n is a constant for autograd
-        update = F.linear(F.linear(xa, a), b)  # (B, T, out)
-        return out + ((scale - 1) * base + scale * self.scaling[name] * update).to(out.dtype)
+        update = F.linear(F.linear(xa, a), b * self.scaling[name])  # (B, T, out); scaling B, not the result
+        return out + ((scale - 1) * base + scale * update).to(out.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, adapters={self.adapter_names()}"
