@@ -125,9 +125,10 @@ def _load_base(name: str, *, from_where: str) -> tuple[Any, Any]:
     """
     from peftkit.training.models import EMBEDDED_MODELS, ModelNotAvailableError, load_model_and_tokenizer
 
-    looks_like_path = name.startswith(("/", ".", "~")) or Path(name).expanduser().exists()
-    if name not in EMBEDDED_MODELS and looks_like_path and not Path(name).expanduser().is_dir():
-        raise ModelNotAvailableError(f"base model folder {name!r} ({from_where}) does not exist; pass --model NAME_OR_PATH")
+    folder = Path(name).expanduser()
+    if name not in EMBEDDED_MODELS and (name.startswith(("/", ".", "~")) or folder.exists()) and not folder.is_dir():
+        state = "is a file, not a model folder" if folder.exists() else "does not exist"
+        raise ModelNotAvailableError(f"base model folder {name!r} ({from_where}) {state}; pass --model NAME_OR_PATH")
     _progress(f"loading base model {name} ({from_where})")
     try:
         return load_model_and_tokenizer(name, dtype="float32")
