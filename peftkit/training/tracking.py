@@ -13,11 +13,13 @@ project_dir=...)``); peftkit writes no tracker client of its own. A run then
   which go through the same ``Trainer.log``) with its step;
 * ends them when the run returns or fails.
 
-Trackers that write files write them under ``<output.dir>/tracking/``
+Trackers that take a folder write under ``<output.dir>/tracking/``
 (:data:`TRACKING_DIR`): TensorBoard event files in ``tracking/<project name>/``
 (the hyperparameters in a sub-folder of it, as TensorBoard's ``add_hparams``
-does), MLflow's ``mlruns`` there too. W&B and the other hosted trackers log to
-their own service, configured as usual (``WANDB_MODE=offline`` and the like).
+does); MLflow stores an experiment it creates with its artifacts there, and its
+runs where ``MLFLOW_TRACKING_URI`` says (accelerate passes MLflow no folder for
+those). W&B and the other hosted trackers log to their own service, configured
+as usual (``WANDB_MODE=offline`` and the like).
 
 A tracker accelerate does not know, or one whose package is missing (accelerate
 would drop it silently), is a recipe problem naming the field, the value and
@@ -37,6 +39,7 @@ __all__ = [
     "installed_trackers",
     "accelerator_kwargs",
     "project_name",
+    "init_kwargs",
     "flat_hyperparameters",
 ]
 
@@ -97,6 +100,11 @@ def accelerator_kwargs(report_to: Sequence[str], output_dir: Path) -> dict[str, 
     if not report_to:
         return {}
     return {"log_with": list(report_to), "project_dir": str(output_dir / TRACKING_DIR)}
+
+
+def init_kwargs(report_to: Sequence[str], output_dir: Path) -> dict[str, dict[str, Any]]:
+    """Per-tracker keywords for ``init_trackers``: MLflow's artifact folder (accelerate gives it no folder otherwise)."""
+    return {"mlflow": {"logging_dir": str(output_dir / TRACKING_DIR)}} if "mlflow" in report_to else {}
 
 
 def project_name(output_dir: Path) -> str:

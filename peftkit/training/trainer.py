@@ -458,7 +458,9 @@ class Trainer:
         """Start the ``output.report_to`` trackers with the recipe as hyperparameters (nothing without any)."""
         if self.recipe.output.report_to and not self.accelerator.trackers:
             self.accelerator.init_trackers(
-                tracking.project_name(self.output_dir), config=tracking.flat_hyperparameters(self.recipe)
+                tracking.project_name(self.output_dir),
+                config=tracking.flat_hyperparameters(self.recipe),
+                init_kwargs=tracking.init_kwargs(self.recipe.output.report_to, self.output_dir),
             )
 
     def _end_trackers(self) -> None:
