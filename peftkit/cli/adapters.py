@@ -72,6 +72,20 @@ def _read_adapter_dir(text: str) -> tuple[Path, dict[str, Any]]:
     return path, config
 
 
+def _injector_of(adapter: Path, config: dict[str, Any]) -> Any:
+    """The installed injector of the adapter's method.
+
+    :raises UnknownMethodError: naming the adapter and its method.
+    """
+    from peftkit.errors import UnknownMethodError
+    from peftkit.plugins import plugin_manager
+
+    try:
+        return plugin_manager().get_injector(config["method"])
+    except UnknownMethodError as exc:
+        raise UnknownMethodError(f"adapter {str(adapter)!r} was made with method {config['method']!r}: {exc}") from None
+
+
 def _peft_type(config_file: Path) -> str | None:
     """The ``peft_type`` of a peft ``adapter_config.json`` (``None`` if it is not one)."""
     try:
@@ -158,7 +172,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from peftkit.interop import export_peft
 
     adapter, config = _read_adapter_dir(args.adapter)
-    injector = peftkit.plugin_manager().get_injector(config["method"])
+    injector = _injector_of(adapter, config)
     if getattr(injector, "peft_format", None) is None:
         if getattr(injector, "supports_merge", False):
             instead = f"`peftkit merge {args.adapter} --out DIR` writes a full transformers model instead"
@@ -258,7 +272,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
     adapter, config = _read_adapter_dir(args.adapter)
     method = config["method"]
-    injector = peftkit.plugin_manager().get_injector(method)
+    injector = _injector_of(adapter, config)
     if not getattr(injector, "supports_merge", False):
         reason = getattr(injector, "merge_refusal", "") or "it has no weights to fold into the base model"
         instead = (
