@@ -20,8 +20,8 @@ from peftkit_plugins.reward.options import RewardOptions
 from peftkit_plugins.reward.saving import load_head, load_reward_model, save_head, save_reward_model, score
 
 __all__ = [
-    "RewardObjective",
     "LinearHead",
+    "RewardObjective",
     "RewardOptions",
     "ScalarHead",
     "attach_head",
