@@ -203,3 +203,16 @@ def test_ppo_metrics_reach_the_trackers(tmp_path):
     expected = _expected_scalars(tmp_path / "ppo" / "metrics.jsonl")
     assert {"policy_loss", "kl", "reward", "eval_reward"} <= expected.keys()
     _assert_same_scalars(_event_scalars(tmp_path / "ppo" / "tracking" / "ppo"), expected)
+
+
+def test_cli_validate_reports_a_bad_tracker_override(tmp_path, capsys):
+    import yaml
+
+    from peftkit.cli import main
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"data": {"train": _data(tmp_path)}}))
+    assert main(["validate", str(recipe), "output.report_to=[tensorboard]"]) == 0
+    assert main(["validate", str(recipe), "output.report_to=[neptune]"]) == 2
+    err = capsys.readouterr().err
+    assert "output.report_to = [\"neptune\"]: 'neptune' is not a tracker accelerate supports" in err
