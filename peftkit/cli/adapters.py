@@ -125,6 +125,12 @@ def _base_model_name(adapter: Path, given: str | None) -> str:
     return given if given is not None else _recorded_base_model(adapter)
 
 
+def _folders(name: str) -> list[Path]:
+    """The base model's folder, if ``name`` is one: an input that ``--out`` must not overwrite either."""
+    path = Path(name).expanduser()
+    return [path] if path.is_dir() else []
+
+
 def _local_name(name: str) -> str:
     """``name`` as recorded for later use: an existing folder as an absolute path, anything else as given."""
     path = Path(name).expanduser()
@@ -182,8 +188,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
         raise AdapterError(
             f"cannot export {args.adapter!r}: method {config['method']!r} has no Hugging Face peft equivalent; {instead}"
         )
-    out = _output_dir(args.out, args.force, [adapter])
     name = _base_model_name(adapter, args.model)
+    out = _output_dir(args.out, args.force, [adapter, *_folders(name)])
     model, _ = _load_base(name, from_where="--model" if args.model else f"recorded in {adapter / 'base_model.txt'}")
     model.config._name_or_path = _local_name(name)  # what peft's base_model_name_or_path will say
     tuned = peftkit.load(model, adapter)
@@ -227,7 +233,6 @@ def _cmd_import(args: argparse.Namespace) -> int:
     from peftkit.serialization import atomic_directory
 
     source, config = _read_peft_dir(args.peft_dir)
-    out = _output_dir(args.out, args.force, [source])
     name = args.model
     if name is None:
         name = config.get("base_model_name_or_path")
@@ -236,6 +241,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
                 f"{str(source / 'adapter_config.json')!r} does not name its base model (base_model_name_or_path); "
                 "pass --model NAME_OR_PATH"
             )
+    out = _output_dir(args.out, args.force, [source, *_folders(name)])
     where = "--model" if args.model else f"base_model_name_or_path of {source / 'adapter_config.json'}"
     model, _ = _load_base(name, from_where=where)
     _progress(f"converting {source} (peft {config.get('peft_type')})")
@@ -281,8 +287,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
             else "; load it with peftkit.load"
         )
         raise MergeNotSupportedError(f"cannot merge {args.adapter!r}: method {method!r} cannot be merged: {reason}{instead}")
-    out = _output_dir(args.out, args.force, [adapter])
     name = _base_model_name(adapter, args.model)
+    out = _output_dir(args.out, args.force, [adapter, *_folders(name)])
     model, tokenizer = _load_base(name, from_where="--model" if args.model else f"recorded in {adapter / 'base_model.txt'}")
     if (adapter / "tokenizer").is_dir():
         from peftkit.cli.training import _saved_tokenizer

@@ -299,6 +299,7 @@ def test_bad_inputs_are_one_line_errors_before_any_model_loads(base_dir, tmp_pat
         (["merge", str(adapter), "--out", str(adapter), "--force"], "overlaps the input"),
         (["export", str(adapter), "--out", str(tmp_path / "run"), "--force"], "overlaps the input"),
         (["merge", str(adapter), "--out", str(adapter / "inside")], "overlaps the input"),
+        (["merge", str(adapter), "--out", str(base_dir), "--force"], f"overlaps the input {str(base_dir)!r}"),
         (["merge", str(adapter), "--out", str(occupied / "keep.txt")], "is a file; choose a directory path"),
         (["merge", str(adapter), "--out", out, "--model", missing], f"base model folder {missing!r} (--model) does not exist"),
         (["import", missing, "--out", out], f"peft adapter directory {missing!r} does not exist"),
@@ -306,8 +307,9 @@ def test_bad_inputs_are_one_line_errors_before_any_model_loads(base_dir, tmp_pat
         (["import", str(tmp_path / "occupied"), "--out", out], "is not a peft adapter directory: adapter_config.json is missing"),
         (["import", str(bad_json), "--out", out], "is not valid JSON"),
         (["import", str(peft_dir), "--out", out], "does not name its base model (base_model_name_or_path); pass --model"),
+        (["import", str(peft_dir), "--out", str(base_dir), "--model", str(base_dir), "--force"], "overlaps the input"),
     ]
-    before = {folder: _snapshot(folder) for folder in (adapter, peft_dir, occupied)}
+    before = {folder: _snapshot(folder) for folder in (adapter, peft_dir, occupied, base_dir)}
     monkeypatch.setattr(models, "load_model_and_tokenizer", _fail_if_loaded)
     for argv, message in cases:
         assert main(argv) == 2, argv
