@@ -55,6 +55,20 @@ class AdapterTrainerMixin:
         args, kwargs = _reference_by_default(super().__init__, model, args, kwargs)  # type: ignore[misc]
         super().__init__(*args, **kwargs)  # type: ignore[call-arg]
         move_fused_lm_head_inside(model, own_forward)
+        self._refuse_unshifted_label_smoothing(model)
+
+    def _refuse_unshifted_label_smoothing(self, model: TunedModel) -> None:
+        """Trainer.compute_loss shifts smoothed labels only for model classes it names as causal LMs (trainer.py:2190)."""
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        factor = getattr(self.args, "label_smoothing_factor", 0.0)  # type: ignore[attr-defined]
+        causal = type(model.base_model).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+        if factor and causal and type(self).compute_loss is transformers.Trainer.compute_loss:
+            raise AdapterError(
+                f"label_smoothing_factor = {factor}: transformers.Trainer shifts the labels of a causal LM only when "
+                f"the model's class is one (trainer.py:2190), and a TunedModel's is not, so every token would be "
+                f"scored against itself; set label_smoothing_factor=0, or use TRL's SFTTrainer, which shifts them itself"
+            )
 
     @property
     def tuned_model(self) -> TunedModel:

@@ -134,3 +134,9 @@ def test_resume_into_a_different_adapter_is_refused(tmp_path):
 def test_adapter_trainer_needs_a_tuned_model(tmp_path):
     with pytest.raises(AdapterError, match="needs model=TunedModel .* got LlamaForCausalLM"):
         AdapterTrainer(model=tiny_llama(), args=arguments(tmp_path))
+
+
+def test_label_smoothing_on_a_causal_lm_is_refused(tmp_path):
+    # Trainer would smooth unshifted labels: it shifts only for classes it knows as causal LMs.
+    with pytest.raises(AdapterError, match=r"label_smoothing_factor = 0.1: .*trainer.py:2190"):
+        AdapterTrainer(model=peftkit.wrap(tiny_llama(), "lora", r=2), args=arguments(tmp_path, label_smoothing_factor=0.1))
