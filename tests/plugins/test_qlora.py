@@ -182,7 +182,7 @@ def test_merge_swaps_in_dequantized_linear_and_unmerge_restores_the_4bit_layer()
     assert type(dense) is nn.Linear and not dense.weight.requires_grad
     expected = bnb.functional.dequantize_4bit(codes, original.weight.quant_state) + wrapper.delta_weight("default")
     assert torch.equal(dense.weight, expected)
-    assert {n for n, _ in wrapper.named_modules()} == {"", "base_layer", "lora_A", "lora_B"}, (
+    assert {n for n, _ in wrapper.named_modules()} == {"", "base_layer", "lora_A", "lora_B", "lora_magnitude"}, (
         "the set-aside 4-bit layer is not a submodule while merged"
     )
     tuned.unmerge()
