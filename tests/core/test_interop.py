@@ -150,8 +150,18 @@ def _ours(feature, model):
     return options, names
 
 
-@pytest.mark.parametrize("model", MODELS)
-@pytest.mark.parametrize("feature", FEATURES)
+def _feature_cases(features):
+    """Every (feature, model) pair; the default suite keeps one model per feature (GPT-2 for the saved modules:
+    its tied head), the rest run under -m slow."""
+    fast = {"dora": "llama", "patterns": "llama", "modules_to_save": "gpt2", "embeddings_and_dora": "gpt2"}
+    return [
+        pytest.param(feature, model, marks=() if fast[feature] == model else pytest.mark.slow, id=f"{feature}-{model}")
+        for feature in features
+        for model in MODELS
+    ]
+
+
+@pytest.mark.parametrize(("feature", "model"), _feature_cases(FEATURES))
 def test_lora_feature_export_runs_in_peft(feature, model, tmp_path):
     factory = MODELS[model]
     batch = sample_batch()
@@ -164,8 +174,7 @@ def test_lora_feature_export_runs_in_peft(feature, model, tmp_path):
     assert torch.equal(greedy(reference, batch), greedy(tuned, batch))
 
 
-@pytest.mark.parametrize("model", MODELS)
-@pytest.mark.parametrize("feature", [f for f in FEATURES if FEATURES[f][1] is not None])
+@pytest.mark.parametrize(("feature", "model"), _feature_cases([f for f in FEATURES if FEATURES[f][1] is not None]))
 def test_peft_lora_feature_imports_exactly(feature, model, tmp_path):
     factory = MODELS[model]
     batch = sample_batch()
