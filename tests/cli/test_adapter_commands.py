@@ -146,6 +146,30 @@ def test_merge_of_other_weight_side_methods(method, options, base_dir, tmp_path)
     assert (_logits(merged) - expected).abs().max() < 1e-5
 
 
+def test_merge_of_qlora_trained_on_a_base_loaded_in_4_bit(base_dir, tmp_path):
+    """``peftkit train`` loads a QLoRA base already quantized (the method's from_pretrained keywords); merge
+    quantizes a float32 load in place instead: the same NF4 codes, so the same model within float32 rounding."""
+    if "qlora" not in peftkit.available_methods():
+        pytest.skip("qlora is not installed")
+    pytest.importorskip("bitsandbytes")
+    from peftkit.options import build_options
+    from peftkit.training.models import load_model_and_tokenizer
+
+    pm = peftkit.plugin_manager()
+    load_kwargs = pm.model_load_kwargs("qlora", build_options(pm.get_injector("qlora").options, {"r": 4}))
+    model, _ = load_model_and_tokenizer(str(base_dir), load_kwargs=load_kwargs)
+    tuned = peftkit.wrap(model, "qlora", r=4)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, p in tuned.named_trainable_parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.3)
+    expected = _logits(tuned.eval())
+    tuned.save(tmp_path / "qlora")
+    (tmp_path / "qlora" / "base_model.txt").write_text(f"{base_dir}\n")
+    assert main(["merge", str(tmp_path / "qlora"), "--out", str(tmp_path / "merged")]) == 0
+    assert (_logits(_load_base(tmp_path / "merged")) - expected).abs().max() < 1e-5  # measured 3.1e-6
+
+
 @pytest.mark.parametrize(
     ("method", "options", "reason", "instead"),
     [
