@@ -34,9 +34,9 @@ __all__ = ["LinearHead", "ScalarHead", "heads_of", "last_token_index", "last_tok
 class LinearHead(nn.Linear):
     """``nn.Linear(hidden_size, outputs)`` with a small init: ``w ~ N(0, 1/(H+1))``, ``b = 0``.
 
-    The small init (as in OpenAI's lm-human-preferences value head) keeps the
-    first outputs near zero: the first ranking losses are near ``log 2``, the
-    first label distribution of a classifier near uniform.
+    The small init (as in OpenAI's lm-human-preferences value head) gives
+    outputs with a standard deviation about the RMS of the hidden state, so
+    the first ranking losses are near ``log 2`` when responses score alike.
     """
 
     def __init__(self, hidden_size: int, outputs: int = 1, *, generator: torch.Generator | None = None):
