@@ -167,6 +167,9 @@ class TrainConfig:
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     eval_batch_size: int | None = None  # None: batch_size
     cpu: bool = False  # force the CPU even when an accelerator is present
+    # several processes (torchrun/accelerate launch): auto and ddp replicate the model (DDP); fsdp shards the base
+    # and the adapter per decoder layer with torch FSDP2 (peftkit.training.distributed). One process: no effect
+    distributed: Literal["auto", "ddp", "fsdp"] = "auto"
 
     def validate(self) -> list[str]:
         problems = []

@@ -1,7 +1,10 @@
 """The training loop: one plain, readable loop over ``accelerate``.
 
 ``accelerate`` places the model, runs mixed precision and DDP (launch the same
-command under ``torchrun``/``accelerate launch``); everything else is here, in
+command under ``torchrun``/``accelerate launch``); with ``train.distributed:
+fsdp`` torch FSDP2 shards the model instead (:mod:`.distributed`: the base and
+the adapter per decoder layer; checkpoints and the adapter gather the
+adapter's tensors only); everything else is here, in
 the order it happens: load the base model, inject the adapter, prepare data,
 then loop ``optimizer step <- gradient accumulation <- micro-batches``, logging,
 evaluating and checkpointing as the recipe says.
@@ -21,7 +24,9 @@ refuses to replace a finished run of another recipe without ``overwrite``
 Resuming (``resume=True``) restores every piece of the checkpoint, so on the
 CPU a run that was killed and resumed ends with an adapter bit-identical to an
 uninterrupted one (single process; under DDP every rank restores rank 0's RNG
-state). A NaN/inf loss, adapter or held-out loss stops the run with a
+state; under FSDP the optimizer state is saved gathered in full and re-sharded on
+resume, and a resumed run matches an uninterrupted one to float tolerance, not
+bitwise, see docs/distributed.md). A NaN/inf loss, adapter or held-out loss stops the run with a
 :class:`TrainingError` before anything is saved (:mod:`.finite_guard`); the
 last checkpoint stays as it was.
 """
@@ -31,7 +36,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +58,7 @@ from peftkit.training.checkpoint import (
     set_rng_state,
 )
 from peftkit.errors import TrainingError
+from peftkit.training import distributed
 from peftkit.training.finite_guard import FiniteGuard
 from peftkit.training.run_files import keep_metrics_through, refuse_replacing_run, refuse_wrong_resume
 from peftkit.training.run_lock import RunLock
@@ -184,7 +189,7 @@ class Trainer:
         self.output_dir = Path(recipe.output.dir)
         # accelerate only runs CPU processes as one DDP group (gloo) when told
         # cpu=True; under torchrun on a machine without GPU that is what is meant.
-        launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        launched = distributed.launched_world_size() > 1
         cpu = recipe.train.cpu or (launched and not torch.cuda.is_available())
         problems = tracking.report_to_problems(recipe.output.report_to)  # a Recipe built by hand skipped validation
         if problems:
@@ -196,6 +201,16 @@ class Trainer:
         )
         self.objective = self.pm.get_objective(recipe.objective.name)
         self.objective_options = recipe.objective_options
+        #: FSDP2 sharding (train.distributed: fsdp under a launcher with several processes)
+        self.fsdp = recipe.train.distributed == "fsdp" and launched
+        if self.fsdp and callable(getattr(self.objective, "run", None)):
+            raise TrainingError(
+                f"train.distributed = 'fsdp': objective {recipe.objective.name!r} runs a loop of its own, which does "
+                "not shard the model; use train.distributed: auto (DDP where the objective supports several processes)"
+            )
+        if recipe.train.distributed == "fsdp" and not launched and self.accelerator.is_main_process:
+            print("note: train.distributed = 'fsdp' with one process: nothing to shard, training in this one process "
+                  "(launch with torchrun --nproc_per_node N to shard)")
         self._given_model, self._given_tokenizer = model, tokenizer
         self.metrics_path = self.output_dir / METRICS_FILE
         self.history: list[dict[str, Any]] = []
@@ -250,10 +265,16 @@ class Trainer:
 
             kwargs = self.pm.model_load_kwargs(recipe.method.name, recipe.method_options)
             kwargs.update(recipe.model.load_kwargs)
+            refusal = distributed.fsdp_refusal(kwargs) if self.fsdp else None
+            if refusal:
+                raise TrainingError(refusal)
             model, tokenizer = load_model_and_tokenizer(recipe.model.name_or_path, dtype=recipe.model.dtype, load_kwargs=kwargs)
         if getattr(tokenizer, "pad_token_id", None) is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.tokenizer = tokenizer
+        refusal = distributed.fsdp_refusal({}, model) if self.fsdp else None
+        if refusal:
+            raise TrainingError(refusal)
 
         # ---- adapter: fresh, or the checkpoint's (training form, so e.g. reparameterisations come back too)
         if self.resume:
@@ -270,7 +291,10 @@ class Trainer:
         # ---- data
         self.train_examples, self.eval_examples = self._prepare_data()
 
-        # ---- optimizer and schedule
+        # ---- optimizer and schedule (under FSDP over the sharded parameters, so after sharding)
+        step_module = _ObjectiveStep(self.tuned, self.objective, self.objective_options)
+        if self.fsdp:
+            distributed.shard(step_module, self.tuned)
         params = self.tuned.trainable_parameters()
         if not params:
             raise TrainingError(f"method {recipe.method.name!r} left no trainable parameter; check method.options")
@@ -288,8 +312,11 @@ class Trainer:
             micro = math.ceil(train_cfg.epochs * self.order.batches_per_epoch)
             self.total_steps = max(1, micro // train_cfg.gradient_accumulation_steps)
         self.scheduler = make_scheduler(self.optimizer, train_cfg.scheduler, train_cfg.warmup_steps, self.total_steps)
-        self.step_module = self.accelerator.prepare(_ObjectiveStep(self.tuned, self.objective, self.objective_options))
-        self.optimizer = self.accelerator.prepare(self.optimizer)
+        if self.fsdp:  # FSDP2 placed and sharded it; accelerate's DDP wrapper must not replicate it
+            self.step_module = step_module
+        else:
+            self.step_module = self.accelerator.prepare(step_module)
+            self.optimizer = self.accelerator.prepare(self.optimizer)
         self.step = 0
         self.eval_loss_before: float | None = None
         if self.resume:
@@ -346,7 +373,7 @@ class Trainer:
         was_training = self.tuned.training
         self.tuned.eval()
         size = self.recipe.train.eval_batch_size or self.recipe.train.batch_size
-        module = self.accelerator.unwrap_model(self.step_module)
+        module = self.step_module if self.fsdp else self.accelerator.unwrap_model(self.step_module)
         total, count = 0.0, 0
         for start in range(0, len(self.eval_examples), size):
             batch = self._to_device(self.objective.collate(self.eval_examples[start : start + size], self.tokenizer))
@@ -368,7 +395,7 @@ class Trainer:
         if callable(eval_metrics) and self.eval_examples:
             was_training = self.tuned.training
             self.tuned.eval()
-            with torch.no_grad(), self.accelerator.autocast():
+            with torch.no_grad(), self.accelerator.autocast(), distributed.unsharded(self.step_module):
                 metrics.update(eval_metrics(self.tuned, self.eval_examples, self.tokenizer, self.objective_options))
             self.tuned.train(was_training)
         if metrics:
@@ -400,26 +427,37 @@ class Trainer:
         """
         self.check_adapter_finite()
         self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            with atomic_directory(self.output_dir / CHECKPOINT_DIR) as tmp:
-                self.tuned.save(tmp / ADAPTER_DIR, training=True)
-                self._save_extras(tmp / ADAPTER_DIR)
-                (tmp / RECIPE_FILE).write_text(yaml.safe_dump(self.recipe.to_dict(), sort_keys=False))
-                state = {
-                    "step": self.step,
-                    "data": self.order.state_dict(),
-                    "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(),
-                    "rng": rng_state(),
-                    "eval_loss_before": self.eval_loss_before,
-                }
-                torch.save(state, tmp / STATE_FILE)
+        main = self.accelerator.is_main_process
+        # FSDP: the optimizer state and the adapter are gathered in full (collectives: every rank), the base never
+        optimizer_state = distributed.full_optimizer_state(self.optimizer) if self.fsdp else None
+        with distributed.full_adapter(self.step_module, main_process=main) if self.fsdp else contextlib.nullcontext():
+            if main:
+                self._write_checkpoint(optimizer_state)
         self.accelerator.wait_for_everyone()
+
+    def _write_checkpoint(self, optimizer_state: dict[str, Any] | None) -> None:
+        """The main process's part of :meth:`save_checkpoint`."""
+        with atomic_directory(self.output_dir / CHECKPOINT_DIR) as tmp:
+            self.tuned.save(tmp / ADAPTER_DIR, training=True)
+            self._save_extras(tmp / ADAPTER_DIR)
+            (tmp / RECIPE_FILE).write_text(yaml.safe_dump(self.recipe.to_dict(), sort_keys=False))
+            state = {
+                "step": self.step,
+                "data": self.order.state_dict(),
+                "optimizer": self.optimizer.state_dict() if optimizer_state is None else optimizer_state,
+                "scheduler": self.scheduler.state_dict(),
+                "rng": rng_state(),
+                "eval_loss_before": self.eval_loss_before,
+            }
+            torch.save(state, tmp / STATE_FILE)
 
     def _load_checkpoint(self, checkpoint: Path) -> None:
         state = read_state_file(checkpoint / STATE_FILE)
         with restoring(checkpoint / STATE_FILE):
-            self.optimizer.load_state_dict(state["optimizer"])
+            if self.fsdp:
+                distributed.load_full_optimizer_state(self.optimizer, state["optimizer"])
+            else:
+                self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.order.load_state_dict(state["data"])
             self.step = int(state["step"])
@@ -432,7 +470,8 @@ class Trainer:
 
     def check_adapter_finite(self) -> None:
         """Stop the run (:class:`TrainingError`) if an optimizer step left NaN/inf in a trainable parameter."""
-        self.guard.parameters([(n, p) for n, p in self.tuned.named_parameters() if p.requires_grad], self.step)
+        # Under FSDP each process checks its own shards (a failing process stops the launcher's whole group).
+        self.guard.parameters([(n, distributed.local(p)) for n, p in self.tuned.named_parameters() if p.requires_grad], self.step)
 
     # ============================================================ the loop
     def train(self) -> TrainResult:
@@ -469,6 +508,14 @@ class Trainer:
             self.accelerator.end_training()
             self.accelerator.trackers.clear()
 
+    def _sync_context(self, sync: bool) -> contextlib.AbstractContextManager[Any]:
+        """Gradient synchronisation for one micro-batch: only the last of an accumulation reduces across processes."""
+        if sync:
+            return contextlib.nullcontext()
+        if self.fsdp:
+            return distributed.gradient_sync(self.step_module, False)
+        return self.accelerator.no_sync(self.step_module)
+
     def _sft_style_loop(self) -> TrainResult:
         from tqdm.auto import tqdm
 
@@ -488,7 +535,7 @@ class Trainer:
             for micro in range(accum):
                 batch = next(batches)
                 sync = micro == accum - 1
-                with contextlib.nullcontext() if sync else accel.no_sync(self.step_module):
+                with self._sync_context(sync), accel.autocast() if self.fsdp else contextlib.nullcontext():
                     out = self.step_module(batch)
                     self.guard.loss(out.loss, self.step + 1)
                     accel.backward(out.loss / accum)
@@ -539,9 +586,11 @@ class Trainer:
         eval_after = final_metrics.get("eval_loss")
         self.save_checkpoint()
         adapter_dir = self.output_dir / ADAPTER_DIR
+        with distributed.full_adapter(self.step_module, main_process=accel.is_main_process) if self.fsdp else contextlib.nullcontext():
+            if accel.is_main_process:
+                self.tuned.save(adapter_dir)
+                self._save_extras(adapter_dir)
         if accel.is_main_process:
-            self.tuned.save(adapter_dir)
-            self._save_extras(adapter_dir)
             if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
                 self.tokenizer.save_pretrained(adapter_dir / "tokenizer")
             if self._given_model is None:  # a model handed in has no name to record
