@@ -229,3 +229,20 @@ def test_fsdp_resume_restores_the_gathered_optimizer_state_and_ends_where_an_uni
     assert difference < 1e-6  # measured 0 (bitwise) on CPU with gloo; not promised on GPU (nccl reduction order)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("override", ["train.gradient_checkpointing=true", "train.mixed_precision=bf16"])
+def test_fsdp_combines_with_gradient_checkpointing_and_bf16_autocast_on_cpu(tmp_path, override):
+    recipe = _recipe_file(tmp_path, "lora", max_steps=2)
+    reference = _run(tmp_path, recipe, tmp_path / "plain")
+    assert reference.returncode == 0, reference.stderr[-4000:]
+    proc = _run(tmp_path, recipe, tmp_path / "combined", override)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    plain, combined = _tensors(tmp_path / "plain" / "adapter"), _tensors(tmp_path / "combined" / "adapter")
+    difference = _max_difference(plain, combined)
+    print(f"{override}: max |combined - plain| = {difference:.3g}")
+    if "checkpointing" in override:
+        assert difference < 1e-6  # recomputing activations changes no number
+    else:
+        assert 0 < difference < 1e-2  # bf16 autocast rounds, but trains the same adapter
