@@ -102,6 +102,14 @@ class MethodConfig:
 
     name: str = "lora"
     options: dict[str, Any] = field(default_factory=dict)
+    # modules the adapter also trains as full copies, with any method (["lm_head"], ["score"]); checked against
+    # the model when the adapter is made (peftkit.modules_to_save)
+    modules_to_save: list[str] | None = None
+
+    def validate(self) -> list[str]:
+        if self.modules_to_save is not None and (not self.modules_to_save or not all(n.strip() for n in self.modules_to_save)):
+            return [f"method.modules_to_save = {self.modules_to_save!r} must list module names such as [lm_head], or be left out"]
+        return []
 
 
 @dataclass

@@ -330,8 +330,15 @@ class Trainer:
         ``trainable_parameters()`` and ``save(directory, training=...)``.
         """
         import peftkit
+        from peftkit.errors import TargetError
 
-        return peftkit.wrap(model, self.recipe.method.name, **options_to_dict(self.recipe.method_options))
+        method = self.recipe.method
+        try:
+            return peftkit.wrap(model, method.name, modules_to_save=method.modules_to_save, **options_to_dict(self.recipe.method_options))
+        except TargetError as exc:
+            if not str(exc).startswith("modules_to_save="):
+                raise
+            raise TargetError(f"recipe key method.{exc}") from None
 
     def _prepare_data(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         data = self.recipe.data

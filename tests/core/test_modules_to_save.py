@@ -106,3 +106,46 @@ def test_unknown_or_adapted_module_is_one_error_naming_the_field():
         peftkit.wrap(tiny_llama(), "lora", target_modules=["q_proj"], modules_to_save=["q_proj"])
     with pytest.raises(TargetError, match=r"modules_to_save=\[3\] must be a list of module names"):
         peftkit.wrap(tiny_llama(), "lora", modules_to_save=[3])
+
+
+# ------------------------------------------------------------------ recipe key method.modules_to_save
+def _recipe(tmp_path, modules_to_save):
+    import json
+
+    from peftkit.training.recipe import recipe_from_dict
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"what is {a} plus 1?", "response": f"{a + 1}"}) + "\n" for a in range(16)))
+    return recipe_from_dict(
+        {
+            "method": {"name": "lora", "options": {"r": 2}, "modules_to_save": modules_to_save},
+            "data": {"train": str(data), "eval_size": 4, "max_length": 32},
+            "train": {"max_steps": 2, "batch_size": 4, "lr": 1e-2},
+            "output": {"dir": str(tmp_path / "out"), "save_every": 2, "log_every": 1, "eval_every": 2},
+        }
+    )
+
+
+def test_recipe_trains_and_saves_the_modules(tmp_path):
+    from peftkit.testing import tiny_tokenizer
+    from peftkit.training.trainer import Trainer
+
+    recipe = _recipe(tmp_path, ["lm_head"])
+    Trainer(recipe, model=tiny_llama(), tokenizer=tiny_tokenizer(), progress=False).train()
+    tuned = peftkit.load(tiny_llama(), tmp_path / "out" / "adapter")
+    assert tuned.adapter_info("default").modules_to_save == ["lm_head"]
+    assert not torch.equal(tuned.get_submodule("lm_head").copies["default"].weight, tiny_llama().lm_head.weight)
+
+
+def test_recipe_key_errors_name_the_key(tmp_path):
+    from peftkit.errors import PeftkitError
+    from peftkit.testing import tiny_tokenizer
+    from peftkit.training.trainer import Trainer
+
+    with pytest.raises(PeftkitError, match=r"method.modules_to_save = \[''\] must list module names"):
+        _recipe(tmp_path, [""])
+    with pytest.raises(PeftkitError, match="method.modules_to_save"):
+        _recipe(tmp_path, "lm_head")  # not a list
+    recipe = _recipe(tmp_path, ["lm_hed"])
+    with pytest.raises(TargetError, match=r"^recipe key method.modules_to_save=\['lm_hed'\]: 'lm_hed' matches no module .*lm_head.*fix the names"):
+        Trainer(recipe, model=tiny_llama(), tokenizer=tiny_tokenizer(), progress=False).train()
