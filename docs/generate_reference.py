@@ -498,7 +498,13 @@ def method_facts(name: str, reg: Any) -> str:
         lines.append(f"| merge | refused with `MergeNotSupportedError`: {_cell(getattr(injector, 'merge_refusal', '') or '(no reason given)')} |")
     peft_format = getattr(injector, "peft_format", None)
     if peft_format is not None:
-        lines.append(f"| peft format | `export_peft` / `import_peft` as peft_type `{peft_format.peft_type}` |")
+        if getattr(peft_format, "exports_only", False):
+            lines.append(
+                f"| peft format | `export_peft` as peft_type `{peft_format.peft_type}` (export only; `import_peft` of "
+                f"`{peft_format.peft_type}` gives another method's adapter) |"
+            )
+        else:
+            lines.append(f"| peft format | `export_peft` / `import_peft` as peft_type `{peft_format.peft_type}` |")
     else:
         lines.append("| peft format | none: `export_peft` refuses this method |")
     out = "\n".join(lines)
