@@ -10,8 +10,11 @@ excluded) and each process's peak resident set size (``ru_maxrss``).
     python benchmarks/distributed.py                    # SmolLM2-135M, 4 steps (~3 min on 2 free cores)
     python benchmarks/distributed.py --model tiny       # the tiny test model, seconds
 
-The single process gets every thread (``--threads``); each of the two
-processes gets half, so the machine's cores are shared the same way.
+Every process gets ``--threads-per-process`` threads (default 1), so two
+processes use twice the cores of one: the table shows how throughput scales
+with processes. (Giving one process both cores instead is a different
+question, and on a shared, loaded machine OpenMP threads that wait for each
+other make it far slower than two single-thread processes.)
 Measured figures are in docs/distributed.md, with the date, the cores and the load.
 """
 
@@ -60,7 +63,7 @@ def _tiny_model(folder: Path) -> str:
     return str(folder / "tiny")
 
 
-def run(config: str, model: str, steps: int, threads: int, folder: Path) -> list[dict]:
+def run(config: str, model: str, steps: int, threads_per_process: int, folder: Path) -> list[dict]:
     """Train one configuration; one row per process."""
     nproc, mode = CONFIGS[config]
     overrides = [
@@ -70,7 +73,7 @@ def run(config: str, model: str, steps: int, threads: int, folder: Path) -> list
     ]
     script = folder / "child.py"
     script.write_text(_CHILD)
-    per_process = max(1, threads // nproc)
+    per_process = threads_per_process
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
     env = {**os.environ, "OMP_NUM_THREADS": str(per_process), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
     proc = subprocess.run(
@@ -87,18 +90,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct", help="model alias or folder; 'tiny': the test model")
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads in all (default: every core)")
+    parser.add_argument("--threads-per-process", type=int, default=1)
     parser.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         model = _tiny_model(folder) if args.model == "tiny" else args.model
         print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} cores, "
-              f"load {' '.join(f'{x:.2f}' for x in os.getloadavg())} (before), model {args.model}, {args.steps} steps")
+              f"load {' '.join(f'{x:.2f}' for x in os.getloadavg())} (before), model {args.model}, {args.steps} steps, "
+              f"{args.threads_per_process} thread(s) per process")
         print(f"{'configuration':<18} {'tokens/s':>9} {'vs 1 proc':>9} {'peak RSS per process (MB)':>28} {'loss':>8}")
         base = None
         for config in args.configs:
-            rows = run(config, model, args.steps, args.threads, folder)
+            rows = run(config, model, args.steps, args.threads_per_process, folder)
             tps = rows[0]["tokens_per_s"]
             base = base or tps
             rss = " / ".join(f"{row['peak_rss_mb']:.0f}" for row in rows)

@@ -246,7 +246,7 @@ def row_fsdp(args: argparse.Namespace, folder: Path) -> str:
     from distributed import run  # noqa: PLC0415
 
     steps = 2 if args.smoke else 10
-    rows = run("2 processes FSDP", _model(args, folder), steps, max(2, os.cpu_count() or 2), folder)
+    rows = run("2 processes FSDP", _model(args, folder), steps, max(1, (os.cpu_count() or 2) // 2), folder)
     if not all(row["fsdp"] for row in rows) or len(rows) != 2:
         raise RuntimeError(f"expected 2 FSDP processes, got {rows}")
     rss = " / ".join(f"{row['peak_rss_mb']:.0f}" for row in rows)

@@ -110,6 +110,18 @@ def _run(
     )
 
 
+def _results(proc: subprocess.CompletedProcess) -> list[str]:
+    """Each process's RESULT line (two processes' prints may interleave on one line)."""
+    import re
+
+    return sorted(re.findall(r"RESULT \d+ \d+ \d \w+ \d+", proc.stdout))
+
+
+def _errors(proc: subprocess.CompletedProcess) -> str:
+    """The processes' error lines (torchrun's own report of the failure comes last and says little)."""
+    return "\n".join(line for line in proc.stderr.splitlines() if "Error" in line or "rank0" in line)[-4000:]
+
+
 def _tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -185,8 +197,8 @@ def test_fsdp_two_processes_train_every_method_and_save_a_loadable_adapter(tmp_p
     recipe = _recipe_file(tmp_path, method)
     out = tmp_path / "fsdp"
     proc = _run(tmp_path, recipe, out)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert sorted(line for line in proc.stdout.splitlines() if line.startswith("RESULT")) == ["RESULT 0 2 1 all 3", "RESULT 1 2 1 all 3"]
+    assert proc.returncode == 0, _errors(proc)
+    assert _results(proc) == ["RESULT 0 2 1 all 3", "RESULT 1 2 1 all 3"]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
     tuned = peftkit.load(tiny_llama(), out / "adapter")  # one process, the normal adapter directory
@@ -199,11 +211,11 @@ def test_fsdp_two_processes_train_every_method_and_save_a_loadable_adapter(tmp_p
 def test_fsdp_adapter_equals_the_one_process_adapter_of_the_same_global_batch(tmp_path):
     recipe = _recipe_file(tmp_path, "lora", max_steps=4, batch_size=4)
     fsdp = _run(tmp_path, recipe, tmp_path / "fsdp")
-    assert fsdp.returncode == 0, fsdp.stderr[-4000:]
+    assert fsdp.returncode == 0, _errors(fsdp)
     ddp = _run(tmp_path, recipe, tmp_path / "ddp", "train.distributed=ddp")
-    assert ddp.returncode == 0, ddp.stderr[-4000:]
+    assert ddp.returncode == 0, _errors(ddp)
     single = _run(tmp_path, recipe, tmp_path / "single", "train.batch_size=8", nproc=1)  # 2 x 4 = the same 8 examples per step
-    assert single.returncode == 0, single.stderr[-4000:]
+    assert single.returncode == 0, _errors(single)
     got = _tensors(tmp_path / "fsdp" / "adapter")
     to_ddp, to_single = _max_difference(got, _tensors(tmp_path / "ddp" / "adapter")), _max_difference(got, _tensors(tmp_path / "single" / "adapter"))
     print(f"max |fsdp - ddp| = {to_ddp:.3g}, max |fsdp - single| = {to_single:.3g}")
@@ -215,7 +227,7 @@ def test_fsdp_adapter_equals_the_one_process_adapter_of_the_same_global_batch(tm
 def test_fsdp_resume_restores_the_gathered_optimizer_state_and_ends_where_an_uninterrupted_run_ends(tmp_path):
     recipe = _recipe_file(tmp_path, "lora", max_steps=4, batch_size=4)
     full = _run(tmp_path, recipe, tmp_path / "full")
-    assert full.returncode == 0, full.stderr[-4000:]
+    assert full.returncode == 0, _errors(full)
     killed = _run(tmp_path, recipe, tmp_path / "run", crash_at=3)  # after the step-2 checkpoint
     assert killed.returncode != 0 and not (tmp_path / "run" / "adapter").exists()
     state = torch.load(tmp_path / "run" / "checkpoint" / "trainer_state.pt", weights_only=True)
@@ -223,7 +235,7 @@ def test_fsdp_resume_restores_the_gathered_optimizer_state_and_ends_where_an_uni
     moments = [v["exp_avg"] for v in state["optimizer"]["state"].values()]
     assert moments and all(type(m) is torch.Tensor for m in moments)  # gathered in full, not DTensor shards
     resumed = _run(tmp_path, recipe, tmp_path / "run", resume=True)
-    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert resumed.returncode == 0, _errors(resumed)
     difference = _max_difference(_tensors(tmp_path / "full" / "adapter"), _tensors(tmp_path / "run" / "adapter"))
     print(f"max |resumed - uninterrupted| = {difference:.3g}")
     assert difference < 1e-6  # measured 0 (bitwise) on CPU with gloo; not promised on GPU (nccl reduction order)
@@ -236,9 +248,9 @@ def test_fsdp_resume_restores_the_gathered_optimizer_state_and_ends_where_an_uni
 def test_fsdp_combines_with_gradient_checkpointing_and_bf16_autocast_on_cpu(tmp_path, override):
     recipe = _recipe_file(tmp_path, "lora", max_steps=2)
     reference = _run(tmp_path, recipe, tmp_path / "plain")
-    assert reference.returncode == 0, reference.stderr[-4000:]
+    assert reference.returncode == 0, _errors(reference)
     proc = _run(tmp_path, recipe, tmp_path / "combined", override)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0, _errors(proc)
     plain, combined = _tensors(tmp_path / "plain" / "adapter"), _tensors(tmp_path / "combined" / "adapter")
     difference = _max_difference(plain, combined)
     print(f"{override}: max |combined - plain| = {difference:.3g}")
@@ -246,3 +258,38 @@ def test_fsdp_combines_with_gradient_checkpointing_and_bf16_autocast_on_cpu(tmp_
         assert difference < 1e-6  # recomputing activations changes no number
     else:
         assert 0 < difference < 1e-2  # bf16 autocast rounds, but trains the same adapter
+
+
+def _objective_recipe(tmp_path: Path, objective: str) -> Path:
+    """The lora FSDP recipe with another objective of the trainer's loop, on a few records of its kind."""
+    path = _recipe_file(tmp_path, "lora", max_steps=2)
+    raw = yaml.safe_load(path.read_text())
+    data = tmp_path / f"{objective}.jsonl"
+    if objective == "classify":
+        rows = [{"text": f"what is {a} plus {a}?", "label": "even" if a % 2 == 0 else "odd"} for a in range(10)] * 3
+        data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        options = {"lm_weight": 0.5}
+    else:
+        lines = (Path(__file__).parents[2] / "data" / "rlhf" / "preferences.jsonl").read_text().splitlines()
+        data.write_text("\n".join([line for line in lines if '"chosen"' in line][:24]) + "\n")
+        options = {"sft_adapter": None} if objective == "dpo" else {}
+    raw["objective"] = {"name": objective, "options": options}
+    raw["data"] = {"train": str(data), "eval_size": 4, "max_length": 48}
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["reward", "dpo", "classify"])
+def test_fsdp_two_processes_run_the_other_objectives_of_the_trainers_loop(tmp_path, objective):
+    import peftkit
+
+    out = tmp_path / "fsdp"
+    proc = _run(tmp_path, _objective_recipe(tmp_path, objective), out)
+    assert proc.returncode == 0, _errors(proc)
+    assert _results(proc) == ["RESULT 0 2 1 all 2", "RESULT 1 2 1 all 2"]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2]
+    assert all(json.loads(json.dumps(r)) == r for r in records)
+    tuned = peftkit.load(tiny_llama(), out / "adapter")
+    assert tuned.adapter_info("default").method == "lora"
