@@ -5,7 +5,9 @@ LoRA r 8 all-linear, batch 8 x <= 128 tokens per process) for ``--steps``
 optimizer steps through :class:`peftkit.training.trainer.Trainer`, in fresh
 processes (one under ``python``, two under ``torchrun --nproc_per_node 2``),
 and reports the loop's tokens/s (all processes together; held-out evaluation
-excluded) and each process's peak resident set size (``ru_maxrss``).
+excluded), each process's resident set size once the model is loaded, wrapped
+and (FSDP) sharded, and its peak resident set size (``ru_maxrss``, which
+includes the whole base every process loads before sharding).
 
     python benchmarks/distributed.py                    # SmolLM2-135M, 4 steps (~3 min on 2 free cores)
     python benchmarks/distributed.py --model tiny       # the tiny test model, seconds
@@ -38,12 +40,17 @@ _CHILD = textwrap.dedent(
     torch.set_num_threads(int(sys.argv[3]))
     from peftkit.training.recipe import load_recipe
     from peftkit.training.trainer import Trainer
+    import gc, os
     t = Trainer(load_recipe(sys.argv[1], json.loads(sys.argv[2])), progress=False, overwrite=True)
+    t.setup()
+    gc.collect()
+    with open("/proc/self/statm") as fh:
+        after_setup = int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
     result = t.train()
     print("ROW " + json.dumps({
         "rank": t.accelerator.process_index, "world": t.accelerator.num_processes, "fsdp": t.fsdp,
         "tokens_per_s": result.tokens_per_second, "seconds": result.seconds, "loss": result.train_loss,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_after_setup_mb": after_setup,
     }), flush=True)
     """
 )
@@ -99,14 +106,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} cores, "
               f"load {' '.join(f'{x:.2f}' for x in os.getloadavg())} (before), model {args.model}, {args.steps} steps, "
               f"{args.threads_per_process} thread(s) per process")
-        print(f"{'configuration':<18} {'tokens/s':>9} {'vs 1 proc':>9} {'peak RSS per process (MB)':>28} {'loss':>8}")
+        print(f"{'configuration':<18} {'tokens/s':>9} {'vs 1 proc':>9} {'RSS after setup (MB)':>22} {'peak RSS (MB)':>14} {'loss':>8}")
         base = None
         for config in args.configs:
             rows = run(config, model, args.steps, args.threads_per_process, folder)
             tps = rows[0]["tokens_per_s"]
             base = base or tps
+            setup = " / ".join(f"{row['rss_after_setup_mb']:.0f}" for row in rows)
             rss = " / ".join(f"{row['peak_rss_mb']:.0f}" for row in rows)
-            print(f"{config:<18} {tps:>9.0f} {tps / base:>8.2f}x {rss:>28} {rows[0]['loss']:>8.4f}", flush=True)
+            print(f"{config:<18} {tps:>9.0f} {tps / base:>8.2f}x {setup:>22} {rss:>14} {rows[0]['loss']:>8.4f}", flush=True)
         print(f"# load {' '.join(f'{x:.2f}' for x in os.getloadavg())} (after)")
     return 0
 

@@ -293,3 +293,30 @@ def test_fsdp_two_processes_run_the_other_objectives_of_the_trainers_loop(tmp_pa
     assert all(json.loads(json.dumps(r)) == r for r in records)
     tuned = peftkit.load(tiny_llama(), out / "adapter")
     assert tuned.adapter_info("default").method == "lora"
+
+
+def test_fsdp_refuses_an_objective_with_a_loop_of_its_own(tmp_path, register_plugin, monkeypatch):
+    import peftkit
+    from peftkit.errors import TrainingError
+    from peftkit.training import distributed
+    from peftkit.training.trainer import Trainer
+
+    class LoopObjective:
+        name = "own_loop"
+        description = "test objective that runs its own loop"
+        options = peftkit.plugin_manager().get_objective("sft").options
+
+        def run(self, trainer, options):  # pragma: no cover - refused before
+            raise AssertionError
+
+    class Plugin:
+        @peftkit.hookimpl
+        def peftkit_register_objectives(self, register):
+            register(LoopObjective())
+
+    register_plugin(Plugin())
+    recipe = load_recipe(_recipe_file(tmp_path), [f"output.dir={tmp_path / 'out'}"])
+    recipe.objective.name = "own_loop"
+    monkeypatch.setattr(distributed, "launched_world_size", lambda: 2)  # as under torchrun, without starting processes
+    with pytest.raises(TrainingError, match=r"train.distributed = 'fsdp': objective 'own_loop' runs a loop of its own.*use train.distributed: auto"):
+        Trainer(recipe, progress=False)
