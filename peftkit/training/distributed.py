@@ -88,13 +88,17 @@ def fsdp_refusal(load_kwargs: dict[str, Any], model: nn.Module | None = None) ->
     return None
 
 
-def shard(step_module: nn.Module, tuned: nn.Module) -> None:
+def shard(step_module: nn.Module, tuned: nn.Module, device: torch.device) -> None:
     """Apply ``fully_shard`` to every decoder layer of ``tuned``'s base, then to ``step_module`` (the root).
 
-    Every process must call it, in the process group ``accelerate`` started.
+    Every process must call it, in the process group ``accelerate`` started;
+    the shards live on ``device`` (the accelerator's: ``cuda:<local rank>``, or
+    the CPU, also with ``train.cpu: true`` on a GPU machine).
 
     :raises TrainingError: if the base model has no repeated layers to shard by.
     """
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     layers = decoder_layers(tuned)
@@ -103,9 +107,10 @@ def shard(step_module: nn.Module, tuned: nn.Module) -> None:
             f"train.distributed = 'fsdp': {type(tuned).__name__} has no decoder layers to shard by (no "
             "_no_split_modules and no nn.ModuleList); use train.distributed: ddp"
         )
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     for layer in layers:
-        fully_shard(layer)
-    fully_shard(step_module)
+        fully_shard(layer, mesh=mesh)
+    fully_shard(step_module, mesh=mesh)
 
 
 def is_sharded(module: nn.Module) -> bool:

@@ -294,7 +294,7 @@ class Trainer:
         # ---- optimizer and schedule (under FSDP over the sharded parameters, so after sharding)
         step_module = _ObjectiveStep(self.tuned, self.objective, self.objective_options)
         if self.fsdp:
-            distributed.shard(step_module, self.tuned)
+            distributed.shard(step_module, self.tuned, self.accelerator.device)
         params = self.tuned.trainable_parameters()
         if not params:
             raise TrainingError(f"method {recipe.method.name!r} left no trainable parameter; check method.options")
