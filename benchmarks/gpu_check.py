@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -105,7 +106,7 @@ def row_sft(args: argparse.Namespace, folder: Path) -> str:
     result = Trainer(load_recipe(ROOT / "recipes" / "sft-lora.yaml", overrides), progress=False, overwrite=True).train()
     peak = _peak_gpu_mb()
     before, after = result.eval_loss_before, result.eval_loss_after
-    if before is None or after is None or not after == after:
+    if before is None or after is None or not math.isfinite(after):
         raise RuntimeError(f"no finite held-out loss ({before} -> {after})")
     if not args.smoke and after >= before:
         raise RuntimeError(f"held-out loss did not fall: {before:.4f} -> {after:.4f}")
@@ -165,7 +166,7 @@ def _method_ms(method: str, impl: str, base_dir: str, steps: int, batch: int, se
     from transformers import LlamaForCausalLM
 
     sys.path.insert(0, str(BENCHMARKS))
-    from methods import METHODS, _peft_config  # noqa: PLC0415 - the benchmark's own model and options
+    from methods import METHODS, _peft_config  # the benchmark's own model and options
 
     device = _device()
     model = LlamaForCausalLM.from_pretrained(base_dir).to(device)
@@ -200,7 +201,7 @@ def _method_ms(method: str, impl: str, base_dir: str, steps: int, batch: int, se
 
 def row_methods(args: argparse.Namespace, folder: Path) -> list[tuple[str, str]]:
     sys.path.insert(0, str(BENCHMARKS))
-    from methods import _base_dir  # noqa: PLC0415
+    from methods import _base_dir
 
     base_dir = _tiny_model_dir(folder) if args.smoke else str(_base_dir(folder))
     methods = ("lora", "prompt_tuning") if args.smoke else ("lora", "ia3", "adapter", "prompt_tuning", "p_tuning", "prefix_tuning")
@@ -220,7 +221,7 @@ def _ppo_measure(which: str, model_name: str) -> dict[str, Any]:
     import torch
 
     sys.path.insert(0, str(BENCHMARKS))
-    import ppo_memory  # noqa: PLC0415
+    import ppo_memory
 
     if torch.cuda.is_available():
         torch.set_default_device("cuda")
@@ -243,7 +244,7 @@ def row_fsdp(args: argparse.Namespace, folder: Path) -> str:
     if _device() == "cuda" and torch.cuda.device_count() < 2:
         raise _Skip(f"needs 2 GPUs ({torch.cuda.device_count()} present)")
     sys.path.insert(0, str(BENCHMARKS))
-    from distributed import run  # noqa: PLC0415
+    from distributed import run
 
     steps = 2 if args.smoke else 10
     rows = run("2 processes FSDP", _model(args, folder), steps, max(1, (os.cpu_count() or 2) // 2), folder)

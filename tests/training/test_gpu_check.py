@@ -35,6 +35,6 @@ def test_gpu_check_without_cuda_and_without_smoke_says_how_to_run_it():
     if torch.cuda.is_available():
         pytest.skip("a CUDA machine runs the full check")
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    import gpu_check  # noqa: PLC0415
+    import gpu_check
 
     assert gpu_check.main([]) == 2
