@@ -236,6 +236,8 @@ def load_full_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str,
 
 def local(tensor: torch.Tensor) -> torch.Tensor:
     """This process's shard of a sharded (DTensor) parameter; any other tensor as it is."""
+    if not torch.distributed.is_available():  # a torch build without distributed support has no DTensor
+        return tensor
     from torch.distributed.tensor import DTensor
 
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
