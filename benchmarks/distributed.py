@@ -47,11 +47,12 @@ _CHILD = textwrap.dedent(
     with open("/proc/self/statm") as fh:
         after_setup = int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
     result = t.train()
-    print("ROW " + json.dumps({
+    with open(f"{sys.argv[4]}{t.accelerator.process_index}.json", "w") as fh:  # one file per process: prints interleave
+        json.dump({
         "rank": t.accelerator.process_index, "world": t.accelerator.num_processes, "fsdp": t.fsdp,
         "tokens_per_s": result.tokens_per_second, "seconds": result.seconds, "loss": result.train_loss,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_after_setup_mb": after_setup,
-    }), flush=True)
+        }, fh)
     """
 )
 
@@ -78,18 +79,21 @@ def run(config: str, model: str, steps: int, threads_per_process: int, folder: P
         "data.eval=null", "data.eval_size=8", f"output.dir={folder / mode / str(nproc)}", "output.save_every=0",
         "output.plot=false", f"output.log_every={steps}",
     ]
+    rows_prefix = folder / f"rows-{mode}-{nproc}-"
+    for stale in folder.glob(f"{rows_prefix.name}*.json"):
+        stale.unlink()
     script = folder / "child.py"
     script.write_text(_CHILD)
     per_process = threads_per_process
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
     env = {**os.environ, "OMP_NUM_THREADS": str(per_process), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
     proc = subprocess.run(
-        [*launcher, str(script), str(ROOT / "recipes" / "sft-lora.yaml"), json.dumps(overrides), str(per_process)],
+        [*launcher, str(script), str(ROOT / "recipes" / "sft-lora.yaml"), json.dumps(overrides), str(per_process), str(rows_prefix)],
         env=env, capture_output=True, text=True, cwd=ROOT,
     )
     if proc.returncode != 0:
         raise SystemExit(f"{config} failed:\n{proc.stderr[-3000:]}")
-    rows = [json.loads(line[4:]) for line in proc.stdout.splitlines() if line.startswith("ROW ")]
+    rows = [json.loads(path.read_text()) for path in sorted(folder.glob(f"{rows_prefix.name}*.json"))]
     return sorted(rows, key=lambda row: row["rank"])
 
 

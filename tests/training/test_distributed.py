@@ -55,7 +55,9 @@ _RUN = textwrap.dedent(
         t.step_module.reshard()  # the root keeps its parameters gathered after a forward until the next backward
     params = list(t.tuned.parameters())
     sharded = "all" if all(isinstance(p, DTensor) for p in params) else "none" if not any(isinstance(p, DTensor) for p in params) else "some"
-    print("RESULT", t.accelerator.process_index, t.accelerator.num_processes, int(t.fsdp), sharded, result.steps, flush=True)
+    rank = t.accelerator.process_index  # one file per process: two processes' prints can interleave mid-line
+    with open(f"{out}.result{rank}", "w") as fh:
+        fh.write(f"RESULT {rank} {t.accelerator.num_processes} {int(t.fsdp)} {sharded} {result.steps}")
     """
 )
 
@@ -103,18 +105,16 @@ def _run(
     if nproc == 1:
         command = [sys.executable, str(script)]
     else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), str(script)]
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), str(script)]  # a free port
     return subprocess.run(
         [*command, str(recipe), str(out), "1" if resume else "0", *overrides], env={**_env(), "PEFTKIT_TEST_CRASH_AT": str(crash_at or "")},
         capture_output=True, text=True, timeout=900,
     )
 
 
-def _results(proc: subprocess.CompletedProcess) -> list[str]:
-    """Each process's RESULT line (two processes' prints may interleave on one line)."""
-    import re
-
-    return sorted(re.findall(r"RESULT \d+ \d+ \d \w+ \d+", proc.stdout))
+def _results(out: Path) -> list[str]:
+    """Each process's RESULT line: rank, processes, FSDP on, which parameters are DTensors, steps."""
+    return sorted(path.read_text() for path in out.parent.glob(f"{out.name}.result*"))
 
 
 def _errors(proc: subprocess.CompletedProcess) -> str:
@@ -198,7 +198,7 @@ def test_fsdp_two_processes_train_every_method_and_save_a_loadable_adapter(tmp_p
     out = tmp_path / "fsdp"
     proc = _run(tmp_path, recipe, out)
     assert proc.returncode == 0, _errors(proc)
-    assert _results(proc) == ["RESULT 0 2 1 all 3", "RESULT 1 2 1 all 3"]
+    assert _results(out) == ["RESULT 0 2 1 all 3", "RESULT 1 2 1 all 3"]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
     tuned = peftkit.load(tiny_llama(), out / "adapter")  # one process, the normal adapter directory
@@ -287,7 +287,7 @@ def test_fsdp_two_processes_run_the_other_objectives_of_the_trainers_loop(tmp_pa
     out = tmp_path / "fsdp"
     proc = _run(tmp_path, _objective_recipe(tmp_path, objective), out)
     assert proc.returncode == 0, _errors(proc)
-    assert _results(proc) == ["RESULT 0 2 1 all 2", "RESULT 1 2 1 all 2"]
+    assert _results(out) == ["RESULT 0 2 1 all 2", "RESULT 1 2 1 all 2"]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2]
     assert all(json.loads(json.dumps(r)) == r for r in records)
