@@ -34,6 +34,7 @@ from peftkit.errors import PeftkitError
 from peftkit_plugins.grpo.losses import group_advantages, grpo_loss
 from peftkit_plugins.grpo.options import GRPOOptions
 from peftkit_plugins.ppo.advantages import masked_mean
+from peftkit_plugins.ppo.distributed import average_gradients
 from peftkit_plugins.ppo.losses import entropy_from_logits, token_logprobs
 from peftkit_plugins.ppo.roles import Roles
 from peftkit_plugins.ppo.rollout import Rollout, generate_responses, pack_episodes
@@ -42,24 +43,6 @@ __all__ = ["GRPOLearner", "RewardFunction", "average_gradients"]
 
 #: ``(prompts, completions, records) -> list[float]``: a registered :class:`peftkit.registry.Reward`.
 RewardFunction = Callable[[Sequence[str], Sequence[str], Sequence[Mapping[str, Any]]], list[float]]
-
-
-def average_gradients(params: Sequence[torch.nn.Parameter]) -> None:
-    """Average the gradients of ``params`` over the processes of ``torch.distributed`` (no-op in one process)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return
-    world = torch.distributed.get_world_size()
-    if world == 1:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1).float() for g in grads])  # one collective per step
-    torch.distributed.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for p, g in zip(params, grads):
-        n = g.numel()
-        p.grad = flat[offset : offset + n].view_as(g).to(g.dtype)
-        offset += n
 
 
 class GRPOLearner:

@@ -39,6 +39,7 @@ from peftkit.registry import ObjectiveLoss
 from peftkit_plugins.grpo.learner import GRPOLearner
 from peftkit_plugins.grpo.options import GRPOOptions, resolve_reward
 from peftkit_plugins.ppo import data as ppo_data
+from peftkit_plugins.ppo.distributed import mean_over_ranks
 from peftkit_plugins.ppo.objective import POLICY, check_train_settings, setup_roles, stop_token_ids
 
 __all__ = ["GRPOObjective", "prepare_prompts_with_records"]
@@ -50,16 +51,6 @@ def prepare_prompts_with_records(records: Sequence[Mapping[str, Any]], tokenizer
     for example, record in zip(examples, records):
         example["record"] = dict(record)
     return examples
-
-
-def _mean_over_ranks(metrics: dict[str, float], device: Any) -> dict[str, float]:
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_world_size() == 1:
-        return metrics
-    keys = sorted(metrics)
-    values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(values)
-    values /= torch.distributed.get_world_size()
-    return dict(zip(keys, values.tolist()))
 
 
 class GRPOObjective:
@@ -116,7 +107,7 @@ class GRPOObjective:
         while trainer.step < trainer.total_steps:
             examples = [trainer.train_examples[i] for i in next(order)]
             last = learner.step([e["prompt_ids"] for e in examples], [e["prompt"] for e in examples], [e["record"] for e in examples])
-            last = _mean_over_ranks(last, device)
+            last = mean_over_ranks(last, device)
             trainer.scheduler.step()
             trainer.step += 1
             trainer.check_adapter_finite()  # a diverged policy must not sample the next rollout or reach a save

@@ -69,11 +69,17 @@ def tokenize_ptx(texts: Sequence[str], tokenizer: Any, max_length: int) -> list[
 
 
 class PtxStream:
-    """Endless right-padded batches of pretraining rows in a resumable shuffled order."""
+    """Endless right-padded batches of pretraining rows in a resumable shuffled order.
 
-    def __init__(self, rows: list[list[int]], batch_size: int, pad_id: int, *, seed: int = 0, device: Any = None):
+    :param rank, world_size: several processes each read their own share of the rows (each epoch's
+        shuffle, dealt out as the trainer deals prompts: :class:`peftkit.training.data.BatchOrder`).
+    """
+
+    def __init__(
+        self, rows: list[list[int]], batch_size: int, pad_id: int, *, seed: int = 0, device: Any = None, rank: int = 0, world_size: int = 1
+    ):
         self.rows, self.pad_id, self.device = rows, pad_id, device
-        self.order = BatchOrder(len(rows), batch_size, seed=seed)
+        self.order = BatchOrder(len(rows), batch_size, seed=seed, rank=rank, world_size=world_size)
         self._indices = iter(self.order)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:

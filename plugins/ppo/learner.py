@@ -16,6 +16,14 @@ the peftkit trainer; tests drive it directly on tiny models)::
 
 The module keeps dropout off (``eval()`` throughout), so the first ratio of
 every rollout is exactly 1 and the clipping sees only the policy's change.
+
+Several processes (``torchrun``/``accelerate launch``): each rank rolls out its
+own prompts; the advantages are whitened with the statistics of all ranks'
+tokens, the gradients of the policy adapter and the value head are averaged
+over ranks before every optimizer step (so every rank keeps the same ones),
+the KL controller sees the mean KL of all ranks' episodes and :meth:`step`
+returns metrics averaged over ranks (:mod:`.distributed`). Every rank must
+hold the same number of prompts (so the same number of minibatch updates).
 """
 
 from __future__ import annotations
@@ -26,7 +34,8 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from peftkit.training.losses import chunked_cross_entropy, decoder_and_head, lm_hidden_states
-from peftkit_plugins.ppo.advantages import gae, masked_mean, whiten
+from peftkit_plugins.ppo.advantages import gae, masked_mean
+from peftkit_plugins.ppo.distributed import average_gradients, mean_over_ranks, sum_over_ranks, whiten_over_ranks
 from peftkit_plugins.ppo.kl_control import KLController
 from peftkit_plugins.ppo.losses import entropy_from_logits, policy_loss, token_logprobs, token_rewards, value_loss
 from peftkit_plugins.ppo.options import PPOOptions
@@ -76,8 +85,12 @@ class PPOLearner:
 
     # ============================================================ rollout
     @torch.no_grad()
-    def rollout(self, prompts: Sequence[Sequence[int]]) -> Rollout:
-        """Sample, score and compute advantages for one batch of prompt token ids."""
+    def rollout(self, prompts: Sequence[Sequence[int]], *, advantages: bool = True) -> Rollout:
+        """Sample, score and compute advantages for one batch of prompt token ids.
+
+        :param advantages: ``False`` skips GAE and the whitening (and its all-reduce): a held-out
+            rollout, which each rank runs on its own share of prompts.
+        """
         opts, roles = self.options, self.roles
         roles.tuned.eval()
         with roles.use("policy"), self.autocast():
@@ -95,11 +108,13 @@ class PPOLearner:
         ref_logprobs = token_logprobs(ref_logits, rollout.response_tokens)
         penalised = scores - opts.missing_eos_penalty * (~rollout.ended).float()
         rewards, kl = token_rewards(penalised, logprobs, ref_logprobs, mask, self.kl.value)
-        advantages, returns = gae(rewards, values * mask, mask, gamma=opts.gamma, lam=opts.lam)
-        if opts.whiten_advantages:
-            advantages = whiten(advantages, mask)
+        if advantages:
+            gains, returns = gae(rewards, values * mask, mask, gamma=opts.gamma, lam=opts.lam)
+            if opts.whiten_advantages:
+                gains = whiten_over_ranks(gains, mask)  # over all ranks' tokens; whiten() in one process
+            rollout.stats.update(advantages=gains, returns=returns)
         rollout.stats.update(
-            logprobs=logprobs, values=values * mask, advantages=advantages, returns=returns, kl=kl,
+            logprobs=logprobs, values=values * mask, kl=kl,
             scores=scores, penalised_scores=penalised, entropy=entropy_from_logits(logits) * mask,
         )
         return rollout
@@ -136,6 +151,7 @@ class PPOLearner:
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"the PPO loss became {float(loss)}; lower train.lr or the options' coefficients")
                 loss.backward()
+                average_gradients(params)  # every rank: the same adapter and value head
                 if self.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
                 for optimizer in self.optimizers:
@@ -148,13 +164,14 @@ class PPOLearner:
 
     # ============================================================ a step
     def step(self, prompts: Sequence[Sequence[int]], ptx_batches: Iterator[dict[str, torch.Tensor]] | None = None) -> dict[str, float]:
-        """Rollout + update + KL-coefficient update; returns the step's logged metrics."""
+        """Rollout + update + KL-coefficient update; returns the step's logged metrics (means over ranks)."""
         rollout = self.rollout(prompts)
         mask = rollout.response_mask
         kl_per_episode = rollout.stats["kl"].sum(-1)  # (B,) the sequence-level KL estimate
         beta = self.kl.value
         metrics = self.update(rollout, ptx_batches)
-        self.kl.update(float(kl_per_episode.mean()), len(rollout))
+        kl_sum, episodes = sum_over_ranks([float(kl_per_episode.sum()), len(rollout)], self.device)
+        self.kl.update(kl_sum / episodes, int(episodes))  # the KL of all ranks' episodes
         metrics.update(
             reward=float(rollout.stats["scores"].mean()),
             reward_with_penalty=float(rollout.stats["penalised_scores"].mean()),
@@ -164,4 +181,4 @@ class PPOLearner:
             response_length=float(mask.sum(-1).float().mean()),
             ended_with_eos=float(rollout.ended.float().mean()),
         )
-        return metrics
+        return mean_over_ranks(metrics, self.device)

@@ -10,14 +10,27 @@ rollout; ``train.max_steps`` (or epochs over the prompts) = rollouts;
 ``train.lr``/``scheduler``/``warmup_steps`` drive the policy adapter and the
 value head (the schedule advances once per rollout); ``train.max_grad_norm``
 clips each minibatch update; ``data.train``/``data.eval`` are prompt files.
-Single process only (rollouts are not sharded across ranks yet).
+
+Several processes (``torchrun --nproc_per_node N`` / ``accelerate launch``):
+``train.batch_size`` is prompts per rollout *per process*, as for every
+objective, so one step rolls out ``N x batch_size`` distinct prompts (each
+rank its own share of each epoch's shuffle); one process with ``batch_size``
+``N x`` as large sees the same prompts per step. Advantages are whitened over
+all ranks, gradients of the policy and the value head averaged before every
+optimizer step (every rank keeps the same adapter), the adaptive KL controller
+sees the mean KL of all ranks, the logged metrics are means over ranks
+(written once, by the main process), the PPO-ptx rows are dealt out over the
+ranks like the prompts, and the held-out prompts are split over the ranks.
+The four roles stay on one base model per rank.
 
 Outputs in ``output.dir``: ``adapter/`` (the policy, a plain adapter of its
 method, loadable like any SFT adapter), ``value_head.safetensors`` in the
 checkpoint, ``metrics.jsonl`` (per step: reward, KL, entropy, policy/value
 loss, clip fraction, approx-KL, response length, ...). ``--resume`` restores
 policy, value head, both optimizers and schedules, RNG, rollout position, KL
-coefficient and the pretraining-text position.
+coefficient and the pretraining-text position; with several processes every
+rank's RNG, prompt and pretraining-text positions come from its own
+``ppo_state_rank{N}.pt`` (a resume needs the same number of processes).
 """
 
 from __future__ import annotations
@@ -33,6 +46,7 @@ from torch import nn
 from peftkit.errors import PeftkitError
 from peftkit.registry import ObjectiveLoss
 from peftkit_plugins.ppo import data as ppo_data
+from peftkit_plugins.ppo.distributed import sum_over_ranks
 from peftkit_plugins.ppo.learner import PPOLearner
 from peftkit_plugins.ppo.options import PPOOptions
 from peftkit_plugins.ppo.roles import Roles, attach_value_head
@@ -40,9 +54,14 @@ from peftkit_plugins.reward.formatting import end_token_id
 from peftkit_plugins.reward.head import heads_of
 from peftkit_plugins.reward.saving import load_reward_model
 
-__all__ = ["PPOObjective", "check_train_settings", "setup_roles", "stop_token_ids", "PPO_STATE_FILE"]
+__all__ = ["PPOObjective", "check_train_settings", "setup_roles", "stop_token_ids", "PPO_STATE_FILE", "rank_state_file"]
 
 PPO_STATE_FILE = "ppo_state.pt"
+
+
+def rank_state_file(rank: int) -> str:
+    """The checkpoint file of one process's own state (RNG, prompt and pretraining-text positions) in a multi-process run."""
+    return f"ppo_state_rank{rank}.pt"
 POLICY, REFERENCE, REWARD = "default", "reference", "reward"
 
 
@@ -138,14 +157,13 @@ class PPOObjective:
     # ------------------------------------------------------------------ run
     def run(self, trainer: Any, options: PPOOptions) -> Any:
         from tqdm.auto import tqdm
-        from peftkit.training.checkpoint import ADAPTER_DIR, CHECKPOINT_DIR, STATE_FILE, read_state_file, restoring, set_rng_state
+        from peftkit.training.checkpoint import ADAPTER_DIR, CHECKPOINT_DIR, STATE_FILE, read_state_file, restoring, rng_state, set_rng_state
         from peftkit.training.trainer import TrainResult, make_scheduler
 
-        if trainer.accelerator.num_processes > 1:
-            raise PeftkitError("objective 'ppo' runs in one process for now; launch it without torchrun/accelerate launch")
         self._check_train_settings(trainer.recipe.train)
         tuned, tokenizer, cfg, out = trainer.tuned, trainer.tokenizer, trainer.recipe.train, trainer.recipe.output
-        device = trainer.accelerator.device
+        accelerator = trainer.accelerator
+        device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
         checkpoint = trainer.output_dir / CHECKPOINT_DIR
 
         # ---- roles; a fresh policy copied from the SFT adapter needs a fresh optimizer over its parameters
@@ -153,7 +171,7 @@ class PPOObjective:
         tuned.to(device)
         if options.sft_adapter and not trainer.resume:
             policy_params = [p for n, p in tuned.named_trainable_parameters() if not n.startswith("heads.")]
-            trainer.optimizer = trainer.accelerator.prepare(torch.optim.AdamW(policy_params, lr=cfg.lr, weight_decay=cfg.weight_decay))
+            trainer.optimizer = accelerator.prepare(torch.optim.AdamW(policy_params, lr=cfg.lr, weight_decay=cfg.weight_decay))
             trainer.scheduler = make_scheduler(trainer.optimizer, cfg.scheduler, cfg.warmup_steps, trainer.total_steps)
         value_head = heads_of(tuned)["value"]
         value_optimizer = torch.optim.AdamW(value_head.parameters(), lr=cfg.lr)
@@ -161,12 +179,19 @@ class PPOObjective:
         learner = PPOLearner(
             roles, options, [trainer.optimizer, value_optimizer], pad_id=int(tokenizer.pad_token_id),
             stop_ids=stop_token_ids(tokenizer, options.stop_tokens), max_grad_norm=cfg.max_grad_norm,
-            device=device, autocast=trainer.accelerator.autocast,
+            device=device, autocast=accelerator.autocast,
         )
         ptx = None
         if options.ptx_coef > 0:
             rows = ppo_data.tokenize_ptx(ppo_data.load_ptx_texts(options.ptx_data), tokenizer, options.ptx_max_length)
-            ptx = ppo_data.PtxStream(rows, options.ptx_batch_size, int(tokenizer.pad_token_id), seed=cfg.seed, device=device)
+            if len(rows) < world:
+                raise PeftkitError(
+                    f"objective option ptx_data = {options.ptx_data!r} holds {len(rows)} usable texts for {world} processes; "
+                    "every process needs its own: give more texts or launch fewer processes"
+                )
+            ptx = ppo_data.PtxStream(
+                rows, options.ptx_batch_size, int(tokenizer.pad_token_id), seed=cfg.seed, device=device, rank=rank, world_size=world
+            )
         if trainer.resume:
             state = read_state_file(checkpoint / PPO_STATE_FILE)
             with restoring(checkpoint / PPO_STATE_FILE):
@@ -176,9 +201,23 @@ class PPOObjective:
                 learner.kl.load_state_dict(state["kl"])
                 if ptx is not None and state["ptx"] is not None:
                     ptx.load_state_dict(state["ptx"])
-            # Loading the reference/reward adapters above drew from the RNG; start from the checkpoint's state.
-            with restoring(checkpoint / STATE_FILE):
-                set_rng_state(read_state_file(checkpoint / STATE_FILE)["rng"])
+            if world == 1:
+                # Loading the reference/reward adapters above drew from the RNG; start from the checkpoint's state.
+                with restoring(checkpoint / STATE_FILE):
+                    set_rng_state(read_state_file(checkpoint / STATE_FILE)["rng"])
+            else:  # this rank's own RNG and positions (the trainer restored rank 0's)
+                own = checkpoint / rank_state_file(rank)
+                if not own.is_file():
+                    raise PeftkitError(
+                        f"--resume with {world} processes: {own} does not exist; the checkpoint was written by a run of "
+                        "another number of processes (resume with that number: torchrun --nproc_per_node), or it stopped while saving"
+                    )
+                mine = read_state_file(own)
+                with restoring(own):
+                    trainer.order.load_state_dict(mine["data"])
+                    if ptx is not None and mine["ptx"] is not None:
+                        ptx.load_state_dict(mine["ptx"])
+                    set_rng_state(mine["rng"])
 
         def save_checkpoint() -> None:
             trainer.save_checkpoint()  # policy adapter (training form), policy optimizer/schedule, RNG, step, data position
@@ -187,13 +226,20 @@ class PPOObjective:
                 "value_scheduler": value_scheduler.state_dict(), "kl": learner.kl.state_dict(),
                 "ptx": ptx.state_dict() if ptx is not None else None,
             }
-            tmp = checkpoint / (PPO_STATE_FILE + ".tmp")
-            torch.save(state, tmp)
-            tmp.replace(checkpoint / PPO_STATE_FILE)
+            files = {PPO_STATE_FILE: state} if accelerator.is_main_process else {}  # value head etc.: the same on every rank
+            if world > 1:
+                files[rank_state_file(rank)] = {
+                    "rng": rng_state(), "data": trainer.order.state_dict(), "ptx": ptx.state_dict() if ptx is not None else None,
+                }
+            for name, content in files.items():
+                tmp = checkpoint / (name + ".tmp")
+                torch.save(content, tmp)
+                tmp.replace(checkpoint / name)
+            accelerator.wait_for_everyone()
 
         # ---- the loop: one step = one rollout + its PPO epochs
         order = iter(trainer.order)
-        bar = tqdm(total=trainer.total_steps, initial=trainer.step, disable=not trainer.progress, unit="rollout")
+        bar = tqdm(total=trainer.total_steps, initial=trainer.step, disable=not (trainer.progress and accelerator.is_main_process), unit="rollout")
         start = time.perf_counter()
         last: dict[str, float] = {}
         while trainer.step < trainer.total_steps:
@@ -213,15 +259,17 @@ class PPOObjective:
         seconds = time.perf_counter() - start
 
         # ---- the end: held-out reward, checkpoint, the policy adapter
-        held_out = self.evaluate(learner, trainer.eval_examples, cfg.eval_batch_size or cfg.batch_size)
+        held_out = self.evaluate(learner, trainer.eval_examples[rank::world], cfg.eval_batch_size or cfg.batch_size)
         if held_out:
             trainer.log({"step": trainer.step, **held_out})
         save_checkpoint()
         adapter_dir = trainer.output_dir / ADAPTER_DIR
-        tuned.save(adapter_dir, adapter_name=POLICY)
-        if hasattr(tokenizer, "save_pretrained"):
-            tokenizer.save_pretrained(adapter_dir / "tokenizer")
-        (adapter_dir / "base_model.txt").write_text(trainer.recipe.model.name_or_path + "\n")
+        if accelerator.is_main_process:
+            tuned.save(adapter_dir, adapter_name=POLICY)
+            if hasattr(tokenizer, "save_pretrained"):
+                tokenizer.save_pretrained(adapter_dir / "tokenizer")
+            (adapter_dir / "base_model.txt").write_text(trainer.recipe.model.name_or_path + "\n")
+        accelerator.wait_for_everyone()
         return TrainResult(
             output_dir=trainer.output_dir, adapter_dir=adapter_dir, steps=trainer.step, eval_loss_before=None,
             eval_loss_after=None, train_loss=last.get("policy_loss"),
@@ -235,13 +283,17 @@ class PPOObjective:
 
     @staticmethod
     def evaluate(learner: PPOLearner, examples: Sequence[Mapping[str, Any]], batch_size: int) -> dict[str, float]:
-        """Mean reward-model score and KL of sampled responses to held-out prompts (no update)."""
-        if not examples:
-            return {}
+        """Mean reward-model score and KL of sampled responses to held-out prompts (no update).
+
+        Several processes: each passes its own share of ``examples``; the means are over all ranks' prompts.
+        """
         scores, kls, n = 0.0, 0.0, 0
         for start in range(0, len(examples), batch_size):
-            rollout = learner.rollout([e["prompt_ids"] for e in examples[start : start + batch_size]])
+            rollout = learner.rollout([e["prompt_ids"] for e in examples[start : start + batch_size]], advantages=False)
             scores += float(rollout.stats["scores"].sum())
             kls += float(rollout.stats["kl"].sum())
             n += len(rollout)
+        scores, kls, n = sum_over_ranks([scores, kls, n], learner.device)
+        if not n:
+            return {}
         return {"eval_reward": scores / n, "eval_kl": kls / n}
