@@ -431,7 +431,10 @@ learner_module.GRPOLearner.step = step
 t.train()
 rank = t.accelerator.process_index
 t.tuned.save(f"{sys.argv[2]}/rank{rank}", adapter_name="default")
-print("WORLD", t.accelerator.num_processes, "RANK", rank, "PROMPTS", "|".join(prompts))
+# each rank writes its own file: two processes' prints to one pipe can interleave mid-line
+import json
+with open(f"{sys.argv[2]}/rank{rank}/prompts.json", "w") as fh:
+    json.dump({"world": t.accelerator.num_processes, "prompts": prompts}, fh)
 '''
 
 
@@ -465,9 +468,9 @@ def test_two_processes_keep_groups_on_their_rank_and_end_with_identical_adapters
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("WORLD 2"))
-    assert len(lines) == 2
-    per_rank = [set(line.split("PROMPTS ", 1)[1].split("|")) for line in lines]
+    seen = [json.loads((out / f"rank{r}" / "prompts.json").read_text()) for r in (0, 1)]
+    assert [s["world"] for s in seen] == [2, 2]
+    per_rank = [set(s["prompts"]) for s in seen]
     assert per_rank[0] and per_rank[1] and not per_rank[0] & per_rank[1]  # each rank samples (and groups) its own prompts
     a, b = load_file(str(out / "rank0" / "adapter.safetensors")), load_file(str(out / "rank1" / "adapter.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # gradients averaged: one policy
