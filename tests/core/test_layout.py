@@ -49,3 +49,21 @@ def test_old_module_paths_import_the_moved_module_with_a_deprecation_warning():
         "    assert any(new in str(w.message) and w.category is DeprecationWarning for w in caught), (old, caught)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_wheel_lists_every_package_of_the_source_tree():
+    # A package missing from [tool.setuptools] packages is left out of the wheel: the editable install
+    # still finds it, so only a fresh install (CI) would notice. Checked here from the source tree.
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    config = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(config["packages"])
+    found = set()
+    for name, folder in config["package-dir"].items():
+        for init in (root / folder).rglob("__init__.py"):
+            parts = init.parent.relative_to(root / folder).parts
+            if "__pycache__" not in parts:
+                found.add(".".join((name, *parts)))
+    assert found - listed == set(), f"packages missing from pyproject.toml [tool.setuptools] packages: {sorted(found - listed)}"
