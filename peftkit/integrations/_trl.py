@@ -16,7 +16,6 @@ virtual-token hooks of prompt-side methods).
 from __future__ import annotations
 
 import inspect
-import types
 from typing import Any
 
 from peftkit.errors import AdapterError

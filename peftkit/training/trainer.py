@@ -427,6 +427,29 @@ class Trainer:
             self.accelerator.log(metrics, step=int(record["step"]))
         self.pm.call_hook("peftkit_on_log", step=int(record["step"]), metrics=metrics)
 
+    def save_final_adapter(self, adapter_name: str | None = None) -> Path:
+        """Write the run's result to ``output.dir/adapter`` (main process) and return that path.
+
+        The adapter (``adapter_name``, default the active one) in its inference form, the
+        objective's extras, the tokenizer (``tokenizer/``) and, for a base loaded from the
+        recipe, ``base_model.txt`` naming it (what ``peftkit generate``/``merge`` load). Under
+        FSDP only the adapter's shards are gathered. Objectives with a loop of their own
+        (``run``) call this at their end too. Every process waits until it is written.
+        """
+        accel = self.accelerator
+        adapter_dir = self.output_dir / ADAPTER_DIR
+        with distributed.full_adapter(self.step_module, main_process=accel.is_main_process) if self.fsdp else contextlib.nullcontext():
+            if accel.is_main_process:
+                self.tuned.save(adapter_dir, adapter_name=adapter_name)
+                self._save_extras(adapter_dir)
+        if accel.is_main_process:
+            if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
+                self.tokenizer.save_pretrained(adapter_dir / "tokenizer")
+            if self._given_model is None:  # a model handed in has no name to record
+                (adapter_dir / "base_model.txt").write_text(self.recipe.model.name_or_path + "\n")
+        accel.wait_for_everyone()
+        return adapter_dir
+
     def save_checkpoint(self) -> None:
         """Write ``checkpoint/`` atomically: the adapter (training form) and every piece of loop state.
 
@@ -592,16 +615,8 @@ class Trainer:
         final_metrics = self.evaluate_and_log()
         eval_after = final_metrics.get("eval_loss")
         self.save_checkpoint()
-        adapter_dir = self.output_dir / ADAPTER_DIR
-        with distributed.full_adapter(self.step_module, main_process=accel.is_main_process) if self.fsdp else contextlib.nullcontext():
-            if accel.is_main_process:
-                self.tuned.save(adapter_dir)
-                self._save_extras(adapter_dir)
+        adapter_dir = self.save_final_adapter()
         if accel.is_main_process:
-            if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
-                self.tokenizer.save_pretrained(adapter_dir / "tokenizer")
-            if self._given_model is None:  # a model handed in has no name to record
-                (adapter_dir / "base_model.txt").write_text(self.recipe.model.name_or_path + "\n")
             if self.recipe.output.plot:
                 from peftkit.training._plot import plot_losses
 

@@ -157,7 +157,7 @@ class PPOObjective:
     # ------------------------------------------------------------------ run
     def run(self, trainer: Any, options: PPOOptions) -> Any:
         from tqdm.auto import tqdm
-        from peftkit.training.checkpoint import ADAPTER_DIR, CHECKPOINT_DIR, STATE_FILE, read_state_file, restoring, rng_state, set_rng_state
+        from peftkit.training.checkpoint import CHECKPOINT_DIR, STATE_FILE, read_state_file, restoring, rng_state, set_rng_state
         from peftkit.training.trainer import TrainResult, make_scheduler
 
         self._check_train_settings(trainer.recipe.train)
@@ -263,13 +263,7 @@ class PPOObjective:
         if held_out:
             trainer.log({"step": trainer.step, **held_out})
         save_checkpoint()
-        adapter_dir = trainer.output_dir / ADAPTER_DIR
-        if accelerator.is_main_process:
-            tuned.save(adapter_dir, adapter_name=POLICY)
-            if hasattr(tokenizer, "save_pretrained"):
-                tokenizer.save_pretrained(adapter_dir / "tokenizer")
-            (adapter_dir / "base_model.txt").write_text(trainer.recipe.model.name_or_path + "\n")
-        accelerator.wait_for_everyone()
+        adapter_dir = trainer.save_final_adapter(POLICY)
         return TrainResult(
             output_dir=trainer.output_dir, adapter_dir=adapter_dir, steps=trainer.step, eval_loss_before=None,
             eval_loss_after=None, train_loss=last.get("policy_loss"),
