@@ -155,6 +155,22 @@ def enable_gradient_checkpointing(tuned: nn.Module) -> None:
         hf_model.config.use_cache = False
 
 
+def _forget_other_precision(mixed_precision: str) -> None:
+    """Let one process run recipes after other accelerate users (e.g. TRL with bf16) set another precision.
+
+    accelerate keeps one process-wide ``AcceleratorState``; once something in this
+    process made an ``Accelerator`` with another ``mixed_precision``, a new one
+    raises "AcceleratorState has already been initialized". In a single process
+    nothing else depends on that state between runs, so it is reset (accelerate's
+    own tests do the same); a launched multi-process run keeps it.
+    """
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision", mixed_precision) != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
+
+
 class Trainer:
     """Runs one recipe. Construct, then call :meth:`train`.
 
@@ -194,6 +210,8 @@ class Trainer:
         problems = tracking.report_to_problems(recipe.output.report_to)  # a Recipe built by hand skipped validation
         if problems:
             raise TrainingError("; ".join(problems))
+        if not launched:
+            _forget_other_precision(recipe.train.mixed_precision)
         self.accelerator = Accelerator(
             cpu=cpu,
             mixed_precision=recipe.train.mixed_precision,

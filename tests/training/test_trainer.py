@@ -490,3 +490,29 @@ def test_schedules_match_transformers(name):
     for _ in range(10):
         assert ours.get_last_lr()[0] == pytest.approx(ref.get_last_lr()[0], abs=1e-12)
         ours_opt.step(), ref_opt.step(), ours.step(), ref.step()
+
+
+def test_a_run_after_another_accelerate_user_with_another_precision_in_the_same_process(tmp_path):
+    # TRL's configs default to bf16: after a TRL run in this process, accelerate's process-wide
+    # state refused every later Accelerator(mixed_precision="no") ("already been initialized").
+    code = textwrap.dedent(
+        f"""
+        import accelerate, peftkit
+        from peftkit.testing import tiny_llama, tiny_tokenizer
+        from peftkit.training.recipe import recipe_from_dict
+        from peftkit.training.trainer import Trainer
+
+        accelerate.Accelerator(cpu=True, mixed_precision="bf16")
+        recipe = recipe_from_dict({{
+            "data": {{"train": {_write_data(tmp_path)!r}, "eval_size": 4, "max_length": 32}},
+            "train": {{"max_steps": 1, "batch_size": 4}},
+            "output": {{"dir": {str(tmp_path / "out")!r}, "plot": False}},
+        }})
+        result = Trainer(recipe, model=tiny_llama(), tokenizer=tiny_tokenizer(), progress=False).train()
+        print("steps", result.steps)
+        """
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PEFTKIT_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "steps 1" in proc.stdout
