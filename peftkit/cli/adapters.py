@@ -120,9 +120,9 @@ def _output_dir(text: str, force: bool, inputs: list[Path]) -> Path:
 
 def _base_model_name(adapter: Path, given: str | None) -> str:
     """``--model``, else the base model recorded with the adapter."""
-    from peftkit.cli.training import _recorded_base_model
+    from peftkit.training.models import recorded_base_model
 
-    return given if given is not None else _recorded_base_model(adapter)
+    return given if given is not None else recorded_base_model(adapter)
 
 
 def _folders(name: str) -> list[Path]:
@@ -264,9 +264,9 @@ def _peft_dir_tokenizer(source: Path) -> Any:
     """The tokenizer published with a peft adapter (its files beside the adapter), or ``None``."""
     if not (source / "tokenizer_config.json").is_file():
         return None
-    from peftkit.cli.training import _saved_tokenizer
+    from peftkit.training.models import saved_tokenizer
 
-    return _saved_tokenizer(source)
+    return saved_tokenizer(source)
 
 
 # ------------------------------------------------------------ merge
@@ -291,9 +291,9 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     out = _output_dir(args.out, args.force, [adapter, *_folders(name)])
     model, tokenizer = _load_base(name, from_where="--model" if args.model else f"recorded in {adapter / 'base_model.txt'}")
     if (adapter / "tokenizer").is_dir():
-        from peftkit.cli.training import _saved_tokenizer
+        from peftkit.training.models import saved_tokenizer
 
-        tokenizer = _saved_tokenizer(adapter / "tokenizer")
+        tokenizer = saved_tokenizer(adapter / "tokenizer")
     dtype_name = DTYPES[args.dtype] if args.dtype else _checkpoint_dtype(name)
     tuned = peftkit.load(model, adapter)
     layers = len(tuned.adapter_info(tuned.active_adapter).targets)

@@ -84,51 +84,19 @@ def _load_for_generation(adapter: Path, model_name: str | None) -> tuple[Any, An
     from peftkit.options import build_options
     from peftkit.plugins import plugin_manager
     from peftkit.serialization import read_adapter
-    from peftkit.training.models import load_model_and_tokenizer
+    from peftkit.training.models import load_model_and_tokenizer, recorded_base_model, saved_tokenizer
 
     # Every check of a load (format, checksum, values) before the base model takes its seconds to load.
     config, _ = read_adapter(adapter)
     if model_name is None:
-        model_name = _recorded_base_model(adapter)
+        model_name = recorded_base_model(adapter)
     pm = plugin_manager()
     injector = pm.get_injector(config["method"])
     options = build_options(injector.options, config["options"], owner=f"method {config['method']!r} of {adapter}")
     model, tokenizer = load_model_and_tokenizer(model_name, load_kwargs=pm.model_load_kwargs(config["method"], options))
     if (adapter / "tokenizer").is_dir():
-        tokenizer = _saved_tokenizer(adapter / "tokenizer")
+        tokenizer = saved_tokenizer(adapter / "tokenizer")
     return peftkit.load(model, adapter), tokenizer
-
-
-def _recorded_base_model(adapter: Path) -> str:
-    """The base model name ``peftkit train`` wrote beside the adapter (``base_model.txt``)."""
-    from peftkit.errors import AdapterError, AdapterFormatError
-    from peftkit.training._text import NotUtf8Error, decode_utf8
-
-    recorded = adapter / "base_model.txt"
-    if not recorded.is_file():
-        raise AdapterError(f"adapter {str(adapter)!r} does not record its base model; pass --model NAME_OR_PATH")
-    try:
-        name = decode_utf8(recorded.read_bytes()).strip()
-    except NotUtf8Error as exc:
-        raise AdapterFormatError(f"{recorded} is not UTF-8 text: {exc}; pass --model NAME_OR_PATH") from None
-    if not name or "\n" in name or "\0" in name:
-        raise AdapterFormatError(f"{recorded} does not hold one model name ({name[:80]!r}); pass --model NAME_OR_PATH")
-    return name
-
-
-def _saved_tokenizer(folder: Path) -> Any:
-    """The tokenizer ``peftkit train`` saved beside the adapter."""
-    from transformers import AutoTokenizer
-
-    from peftkit.errors import AdapterFormatError
-
-    try:
-        return AutoTokenizer.from_pretrained(folder)
-    except Exception as exc:  # noqa: BLE001 - transformers raises many types for a damaged folder
-        raise AdapterFormatError(
-            f"the tokenizer saved with the adapter, {folder}, cannot be loaded ({type(exc).__name__}: {str(exc)[:200]}); "
-            "restore it, or move that folder away to use the base model's tokenizer"
-        ) from None
 
 
 def _positive_int(text: str) -> int:

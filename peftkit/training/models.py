@@ -46,6 +46,8 @@ __all__ = [
     "load_model_and_tokenizer",
     "load_kwargs_problem",
     "RESERVED_LOAD_KWARGS",
+    "recorded_base_model",
+    "saved_tokenizer",
 ]
 
 
@@ -260,3 +262,39 @@ def load_model_and_tokenizer(
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def recorded_base_model(adapter: Path) -> str:
+    """The base model name ``peftkit train`` wrote beside the adapter (``base_model.txt``).
+
+    :raises AdapterError: if there is none; :raises AdapterFormatError: if it is not one UTF-8 name.
+    Both say to pass ``--model NAME_OR_PATH``.
+    """
+    from peftkit.errors import AdapterError, AdapterFormatError
+    from peftkit.training._text import NotUtf8Error, decode_utf8
+
+    recorded = adapter / "base_model.txt"
+    if not recorded.is_file():
+        raise AdapterError(f"adapter {str(adapter)!r} does not record its base model; pass --model NAME_OR_PATH")
+    try:
+        name = decode_utf8(recorded.read_bytes()).strip()
+    except NotUtf8Error as exc:
+        raise AdapterFormatError(f"{recorded} is not UTF-8 text: {exc}; pass --model NAME_OR_PATH") from None
+    if not name or "\n" in name or "\0" in name:
+        raise AdapterFormatError(f"{recorded} does not hold one model name ({name[:80]!r}); pass --model NAME_OR_PATH")
+    return name
+
+
+def saved_tokenizer(folder: Path) -> Any:
+    """The tokenizer ``peftkit train`` saved beside the adapter."""
+    from transformers import AutoTokenizer
+
+    from peftkit.errors import AdapterFormatError
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types for a damaged folder
+        raise AdapterFormatError(
+            f"the tokenizer saved with the adapter, {folder}, cannot be loaded ({type(exc).__name__}: {str(exc)[:200]}); "
+            "restore it, or move that folder away to use the base model's tokenizer"
+        ) from None

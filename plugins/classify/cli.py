@@ -21,22 +21,14 @@ __all__ = ["add_subcommands", "load_classifier"]
 def load_classifier(adapter: Path, model_name: str | None = None) -> tuple[Any, Any]:
     """``(tuned, tokenizer)`` for a classifier directory: adapter + ``heads[<adapter>]`` (its base from ``base_model.txt`` unless given)."""
     import peftkit
-    from peftkit.errors import PeftkitError
-    from peftkit.training.models import load_model_and_tokenizer
+    from peftkit.training.models import load_model_and_tokenizer, recorded_base_model, saved_tokenizer
     from peftkit_plugins.classify.head import load_label_head
     from peftkit_plugins.classify.objective import install_head
 
     head = load_label_head(adapter)  # first: a wrong directory fails before the model loads
-    if model_name is None:
-        recorded = adapter / "base_model.txt"
-        if not recorded.is_file():
-            raise PeftkitError(f"{adapter} has no base_model.txt; pass --model NAME_OR_PATH (the classifier's base)")
-        model_name = recorded.read_text().strip()
-    model, tokenizer = load_model_and_tokenizer(model_name)
+    model, tokenizer = load_model_and_tokenizer(model_name if model_name is not None else recorded_base_model(adapter))
     if (adapter / "tokenizer").is_dir():
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(adapter / "tokenizer")
+        tokenizer = saved_tokenizer(adapter / "tokenizer")
     tuned = peftkit.load(model, adapter)
     install_head(tuned, head, trainable=False)
     tuned.eval()

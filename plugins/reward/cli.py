@@ -20,20 +20,12 @@ __all__ = ["add_subcommands", "load_for_scoring"]
 def load_for_scoring(adapter: Path, model_name: str | None = None) -> tuple[Any, Any, Any]:
     """``(tuned, head, tokenizer)`` for a reward model directory (its base from ``base_model.txt`` unless given)."""
     import peftkit
-    from peftkit.errors import PeftkitError
-    from peftkit.training.models import load_model_and_tokenizer
+    from peftkit.training.models import load_model_and_tokenizer, recorded_base_model, saved_tokenizer
     from peftkit_plugins.reward.saving import load_reward_model
 
-    if model_name is None:
-        recorded = adapter / "base_model.txt"
-        if not recorded.is_file():
-            raise PeftkitError(f"{adapter} has no base_model.txt; pass --model NAME_OR_PATH (the reward model's base)")
-        model_name = recorded.read_text().strip()
-    model, tokenizer = load_model_and_tokenizer(model_name)
+    model, tokenizer = load_model_and_tokenizer(model_name if model_name is not None else recorded_base_model(adapter))
     if (adapter / "tokenizer").is_dir():
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(adapter / "tokenizer")
+        tokenizer = saved_tokenizer(adapter / "tokenizer")
     tuned = peftkit.TunedModel(model)
     head = load_reward_model(tuned, adapter, "reward")
     tuned.eval()
